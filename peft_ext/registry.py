@@ -1,0 +1,247 @@
+"""The registry: the only code in peft-ext that touches PEFT's internals.
+
+PEFT's ``PeftType`` enum is closed and ``peft.utils.register_peft_method`` refuses names that are not members, so
+``register`` first adds the member to the enum, checks that the prefix is unique against every prefix PEFT already
+knows (upstream's own check looks up the prefix among the mapping's *keys*, which are peft types, so it never fires),
+then calls PEFT's own ``register_peft_method``. Each method is described by one ``MethodSpec``: the conformance suite,
+the README table and ``scripts/bench_overhead.py`` all iterate ``list_methods()``.
+
+Two PEFT behaviours are extended here, for peft-ext adapters only:
+
+* ``PeftModel.save_pretrained`` writes into a temporary folder beside the target and moves the finished files into
+  place, so a save that fails midway leaves the previous adapter files intact.
+* ``PeftModel.create_or_update_model_card`` adds a section that names the method, cites its paper and links the
+  official code; the tags ``peft-ext`` and the method name come from ``BaseTuner._post_injection_hook``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from peft import PeftModel
+from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
+from peft.utils import PeftType, register_peft_method
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """Everything peft-ext declares about one method. One spec per paper; tests, docs and benchmarks iterate them.
+
+    Paper and official code are named in each field; see ``peft_ext.list_methods()``.
+    """
+
+    name: str = field(metadata={"help": "Lower-case method name; the PeftType member is its upper-case form."})
+    config_cls: type = field(metadata={"help": "The PeftConfig subclass."})
+    model_cls: type = field(metadata={"help": "The BaseTuner subclass."})
+    paper_title: str = field(metadata={"help": "Title of the paper the method comes from."})
+    paper_url: str = field(metadata={"help": "Link to the paper (arXiv abstract page)."})
+    code_url: str = field(metadata={"help": "Link to the official code, or '' when none is public."})
+    example_kwargs: dict = field(
+        default_factory=dict,
+        metadata={"help": "Small config arguments used by the conformance suite, the benchmark and the docs."},
+    )
+    mergeable: bool = field(default=True, metadata={"help": "merge_and_unload / merge_adapter are exact."})
+    quantizable: bool = field(default=True, metadata={"help": "Works on bitsandbytes 4-bit and 8-bit base layers."})
+    lora_convertible: bool = field(default=True, metadata={"help": "save_as_lora / convert_to_lora apply."})
+    identity_at_init: bool = field(default=True, metadata={"help": "A fresh adapter leaves the base output unchanged."})
+    routed: bool = field(default=False, metadata={"help": "Needs per-call routing inputs (route ids, gates)."})
+    summary: str = field(default="", metadata={"help": "One line for the README's method table."})
+
+    @property
+    def prefix(self) -> str:
+        """The parameter-name prefix, always ``<name>_`` (transformers rebuilds it from the peft type)."""
+        return f"{self.name}_"
+
+    @property
+    def peft_type(self) -> PeftType:
+        """The ``PeftType`` member of this method."""
+        return PeftType[self.name.upper()]
+
+
+_SPECS: dict[str, MethodSpec] = {}
+
+
+def add_peft_type(member: str) -> PeftType:
+    """Add ``member`` (upper case, value == name) to PEFT's closed ``PeftType`` enum; harmless when already there."""
+    if member in PeftType.__members__:
+        return PeftType[member]
+    if not member.isupper() or not member.replace("_", "").isalnum():
+        raise ValueError(f"PeftType member must be upper-case letters, digits and '_'; got {member!r}.")
+    value = str.__new__(PeftType, member)
+    value._name_ = member
+    value._value_ = member
+    value.__objclass__ = PeftType
+    if hasattr(value, "_sort_order_"):
+        value._sort_order_ = len(PeftType._member_names_)
+    PeftType._member_map_[member] = value
+    PeftType._value2member_map_[member] = value
+    PeftType._member_names_.append(member)
+    type.__setattr__(PeftType, member, value)  # EnumType.__setattr__ refuses new members
+    return value
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    """Register one method with PEFT. Registering the same spec again is a no-op; a clash is a clear error."""
+    if spec.name in _SPECS:
+        if _SPECS[spec.name].config_cls is spec.config_cls:
+            return _SPECS[spec.name]
+        raise ValueError(f"A different peft-ext method is already registered as {spec.name!r}.")
+    if spec.name != spec.name.lower() or spec.name.endswith("_"):
+        raise ValueError(f"MethodSpec.name must be lower case without a trailing '_'; got {spec.name!r}.")
+    if getattr(spec.model_cls, "prefix", None) != spec.prefix:
+        raise ValueError(
+            f"{spec.model_cls.__name__}.prefix must be {spec.prefix!r} (the method name plus '_'); "
+            f"got {getattr(spec.model_cls, 'prefix', None)!r}."
+        )
+    peft_type = add_peft_type(spec.name.upper())
+    for other_type, other_prefix in PEFT_TYPE_TO_PREFIX_MAPPING.items():
+        if other_type != peft_type and other_prefix == spec.prefix:
+            raise ValueError(f"Prefix {spec.prefix!r} of {spec.name!r} is already used by PEFT method {other_type}.")
+    if PEFT_TYPE_TO_PREFIX_MAPPING.get(peft_type) is None:
+        register_peft_method(name=spec.name, config_cls=spec.config_cls, model_cls=spec.model_cls, prefix=spec.prefix)
+    _SPECS[spec.name] = spec
+    return spec
+
+
+def list_methods() -> list[MethodSpec]:
+    """All registered peft-ext methods, in registration order."""
+    return list(_SPECS.values())
+
+
+def get_method(name_or_type: Any) -> MethodSpec:
+    """The spec of one method, by name (``"dylora"``), peft type (``"DYLORA"``) or config instance."""
+    key = getattr(name_or_type, "peft_type", name_or_type)
+    key = str(getattr(key, "value", key)).lower()
+    if key not in _SPECS:
+        raise KeyError(f"{name_or_type!r} is not a peft-ext method; registered: {sorted(_SPECS)}.")
+    return _SPECS[key]
+
+
+def _ext_specs_of(model) -> list[MethodSpec]:
+    configs = getattr(model, "peft_config", {}) or {}
+    found = []
+    for cfg in configs.values():
+        key = str(getattr(cfg.peft_type, "value", cfg.peft_type)).lower()
+        if key in _SPECS and _SPECS[key] not in found:
+            found.append(_SPECS[key])
+    return found
+
+
+def model_card_section(specs: list[MethodSpec]) -> str:
+    """The markdown block peft-ext adds to a saved adapter's model card: method, paper citation, official code."""
+    lines = ["## peft-ext", ""]
+    for spec in specs:
+        lines.append(f"This adapter was trained with **{spec.name}** from [peft-ext](https://pypi.org/project/peft-ext/).")
+        lines.append(f"Load it with `PeftModel.from_pretrained` after `pip install peft-ext`.")
+        lines.append("")
+        lines.append(f"- Paper: *{spec.paper_title}* — {spec.paper_url}")
+        lines.append(f"- Official code: {spec.code_url or 'none public'}")
+        lines.append("")
+    lines.append("### Citation")
+    lines.append("")
+    for spec in specs:
+        lines.append(f"- {spec.paper_title}. {spec.paper_url}")
+    return "\n".join(lines) + "\n"
+
+
+def _patch_peft_model() -> None:
+    if getattr(PeftModel, "_peft_ext_patched", False):
+        return
+    orig_card = PeftModel.create_or_update_model_card
+    orig_save = PeftModel.save_pretrained
+
+    @functools.wraps(orig_card)
+    def create_or_update_model_card(self, output_dir: str):
+        orig_card(self, output_dir)
+        specs = _ext_specs_of(self)
+        if not specs:
+            return
+        path = os.path.join(output_dir, "README.md")
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        marker = "## peft-ext\n"
+        if marker in text:
+            text = text[: text.index(marker)].rstrip("\n") + "\n"
+        text = text.rstrip("\n") + "\n\n" + model_card_section(specs)
+        _atomic_write_text(path, text)
+
+    @functools.wraps(orig_save)
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        if not _ext_specs_of(self) or not isinstance(save_directory, (str, os.PathLike)):
+            return orig_save(self, save_directory, *args, **kwargs)
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory must be a folder; {save_directory!r} is a file.")
+        target = os.path.abspath(save_directory)
+        parent = os.path.dirname(target)
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".peft-ext-save-", dir=parent)
+        try:
+            if os.path.isfile(os.path.join(target, "README.md")):  # PEFT updates an existing card in place
+                shutil.copy2(os.path.join(target, "README.md"), os.path.join(staging, "README.md"))
+            result = orig_save(self, staging, *args, **kwargs)
+            for root, _dirs, files in os.walk(staging):
+                rel = os.path.relpath(root, staging)
+                dest_root = target if rel == "." else os.path.join(target, rel)
+                os.makedirs(dest_root, exist_ok=True)
+                for name in files:
+                    os.replace(os.path.join(root, name), os.path.join(dest_root, name))
+            return result
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    PeftModel.create_or_update_model_card = create_or_update_model_card
+    PeftModel.save_pretrained = save_pretrained
+    PeftModel._peft_ext_patched = True
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+_patch_peft_model()
+
+
+def _builtin_specs() -> list[MethodSpec]:
+    from .tuners.dylora import DyLoraConfig, DyLoraModel
+    from .tuners.nola import NolaConfig, NolaModel
+
+    return [
+        MethodSpec(
+            name="dylora",
+            config_cls=DyLoraConfig,
+            model_cls=DyLoraModel,
+            paper_title="DyLoRA: Parameter Efficient Tuning of Pre-trained Models using Dynamic Search-Free "
+            "Low-Rank Adaptation",
+            paper_url="https://arxiv.org/abs/2210.07558",
+            code_url="https://github.com/huawei-noah/Efficient-NLP",
+            example_kwargs={"r": 8, "lora_alpha": 16},
+            summary="One LoRA usable at every rank 1..r (nested-rank training, `set_rank(b)`).",
+        ),
+        MethodSpec(
+            name="nola",
+            config_cls=NolaConfig,
+            model_cls=NolaModel,
+            paper_title="NOLA: Networks as Linear Combination of Low Rank Random Basis",
+            paper_url="https://arxiv.org/abs/2310.02556",
+            code_url="https://github.com/UCDvision/NOLA",
+            example_kwargs={"r": 8, "lora_alpha": 8, "num_basis_A": 64, "num_basis_B": 64, "cache_bases": True},
+            summary="A and B are linear combinations of seeded random bases; only the coefficients train.",
+        ),
+    ]
+
+
+for _spec in _builtin_specs():
+    register(_spec)

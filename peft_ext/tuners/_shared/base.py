@@ -1,0 +1,262 @@
+"""What every peft-ext tuner shares: the config fields PEFT users expect, a tuner-layer mixin with exact merge /
+unmerge over PEFT's generic quantization backend, and a ``BaseTuner`` that creates, tags and validates layers.
+
+A method folder (``tuners/<method>/``) then only says what is particular to its paper: the config fields, the adapter
+weights (``update_layer``), the adapter branch (``adapter_forward``) and ``get_delta_weight``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional, Union
+
+import torch
+from torch import nn
+
+from peft.config import PeftConfig
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, PeftType, resolve_quantization_backend
+
+from ... import __version__
+
+
+def bad_value(config: Any, name: str, value: Any, allowed: str) -> ValueError:
+    """A ValueError that names the config class, the field, the value given and what is allowed."""
+    owner = type(config).__name__ if not isinstance(config, str) else config
+    return ValueError(f"{owner}.{name} must be {allowed}; got {value!r}.")
+
+
+@dataclass
+class ExtConfig(PeftConfig):
+    """Fields shared by every peft-ext tuner config; subclasses set ``method_name`` and add their own fields.
+
+    Not a method itself: see the subclasses (``DyLoraConfig``, ``NolaConfig``, ...) for the paper and official code.
+    """
+
+    method_name: ClassVar[str] = ""
+
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "Module names (exact or suffix match) or one regex to adapt, e.g. ['q_proj', 'v_proj']; "
+            "'all-linear' takes every linear layer but the output head; None uses PEFT's LoRA defaults for the "
+            "architecture."
+        },
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names or one regex never to adapt."}
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Only adapt these layer indices (with layers_pattern naming the layer list)."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the nn.ModuleList holding the layers, e.g. 'layers' or 'h'."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Modules besides the adapter layers to train and save, e.g. ['classifier', 'score']."},
+    )
+    init_weights: bool = field(
+        default=True,
+        metadata={
+            "help": "True: the paper's initialisation, which leaves the base output unchanged. False: a random "
+            "non-zero adapter (for tests and debugging)."
+        },
+    )
+    peft_ext_version: str = field(
+        default=__version__, metadata={"help": "The peft-ext version that wrote this config (informational)."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = PeftType[self.method_name.upper()]
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise bad_value(self, "layers_to_transform", self.layers_to_transform, "None when target_modules is a regex")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise bad_value(self, "layers_to_transform", None, "set when layers_pattern is set")
+
+    def check_positive_int(self, name: str) -> None:
+        """Raise a ValueError naming ``name`` unless it is an integer >= 1."""
+        value = getattr(self, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise bad_value(self, name, value, "an integer >= 1")
+
+    def check_positive(self, name: str) -> None:
+        """Raise a ValueError naming ``name`` unless it is a number > 0."""
+        value = getattr(self, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise bad_value(self, name, value, "a number > 0")
+
+    def check_probability(self, name: str) -> None:
+        """Raise a ValueError naming ``name`` unless it lies in [0, 1)."""
+        value = getattr(self, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise bad_value(self, name, value, "a number in [0, 1)")
+
+
+def _unpack_cpu_4bit(base_layer: nn.Module) -> None:
+    """Turn off bitsandbytes' in-place AVX512-BF16 repacking of 4-bit weights on CPU, and undo one already done.
+
+    bitsandbytes >= 0.50 repacks ``Linear4bit`` weights on the first no-grad CPU forward when the CPU has AVX512-BF16;
+    afterwards gradients stop flowing through the layer and ``dequantize_4bit`` returns wrong weights.
+    """
+    if not hasattr(base_layer, "support_avx512bf16_for_cpu"):
+        return
+    base_layer.support_avx512bf16_for_cpu = False
+    state = getattr(base_layer.weight, "quant_state", None)
+    if state is not None and getattr(state, "packing_format_for_cpu", False):
+        from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+
+        base_layer.weight.data, base_layer.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+            base_layer.weight.data, state
+        )
+
+
+class ExtLayer(BaseTunerLayer):
+    """Tuner-layer mixin for additive methods (``y = base(x) + adapter(x)``, ``ΔW`` materialisable).
+
+    Subclasses define ``adapter_layer_names`` (first entry is used to tell which adapters live here), ``update_layer``,
+    ``adapter_forward(adapter, x)`` and ``get_delta_weight(adapter)``. Merge / unmerge go through
+    ``get_base_weight`` / ``set_base_weight`` so bitsandbytes 4-bit and 8-bit bases work.
+    """
+
+    def _init_base(self, base_layer: nn.Module, **kwargs) -> None:
+        self.base_layer = base_layer
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.kwargs = kwargs
+        base = self.get_base_layer()
+        self.quantization_backend = resolve_quantization_backend(base)
+        if self.quantization_backend is not None and self.quantization_backend.layer_type != "linear":
+            raise TypeError(f"{type(base).__name__} is not a quantized linear layer; only linear layers are supported.")
+        _unpack_cpu_4bit(base)
+        in_features, out_features = _get_in_out_features(base)
+        if in_features is None or not (isinstance(base, nn.Linear) or self.quantization_backend is not None):
+            raise TypeError(
+                f"{type(base).__name__} is not supported; peft-ext tuners adapt torch.nn.Linear and bitsandbytes "
+                "Linear8bitLt / Linear4bit layers."
+            )
+        self.in_features, self.out_features = in_features, out_features
+
+    def _has_adapter(self, adapter: str) -> bool:
+        return adapter in getattr(self, self.adapter_layer_names[0])
+
+    def adapter_forward(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
+        """The adapter branch's output for input ``x`` (same leading shape, ``out_features`` last)."""
+        raise NotImplementedError
+
+    def adapter_dtype(self, adapter: str) -> torch.dtype:
+        """The dtype the adapter computes in (that of its first weight)."""
+        holder = getattr(self, self.adapter_layer_names[0])[adapter]
+        return next(holder.parameters()).dtype
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Add ``get_delta_weight`` of each adapter to the base weight (dequantising and requantising if needed)."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        if self.quantization_backend is not None and not self.quantization_backend.supports_merge:
+            raise ValueError(f"Merging is not supported for {self.quantization_backend.backend_name} base layers.")
+        for adapter in adapter_names:
+            if not self._has_adapter(adapter):
+                continue
+            weight = self.get_base_weight()
+            merged = weight + self.get_delta_weight(adapter).to(weight.dtype)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs detected in the merged weights; adapter {adapter!r} seems to be broken.")
+            self.set_base_weight(merged)
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        """Subtract the merged adapters' ``ΔW`` from the base weight again, last merged first."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            if self._has_adapter(adapter):
+                weight = self.get_base_weight()
+                self.set_base_weight(weight - self.get_delta_weight(adapter).to(weight.dtype))
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        previous_dtype = x.dtype
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.quantization_backend is not None:
+            result = self.quantization_backend.maybe_clone_base_result(result)
+        for adapter in self.active_adapters:
+            if not self._has_adapter(adapter):
+                continue
+            x_in = self._cast_input_dtype(x, self.adapter_dtype(adapter))
+            result = result + self.adapter_forward(adapter, x_in).to(result.dtype)
+        return result.to(previous_dtype)
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return True
+
+
+class ExtModel(BaseTuner):
+    """``BaseTuner`` for peft-ext methods: creates ``layer_cls`` around linear (and quantized linear) modules, tags
+    the base model for the model card, and turns "target modules matched nothing" into an error naming the field.
+
+    Subclasses set ``prefix``, ``tuner_layer_cls``, ``layer_cls`` and, when layers need per-module arguments,
+    override ``_layer_kwargs``.
+    """
+
+    layer_cls: ClassVar[type]
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    def _layer_kwargs(self, config: PeftConfig, adapter_name: str, current_key: str) -> dict:
+        return {}
+
+    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **optional_kwargs):
+        if current_key is None:
+            raise ValueError("current_key must not be None")
+        kwargs = self._layer_kwargs(config, adapter_name, current_key)
+        if isinstance(target, self.tuner_layer_cls):
+            target.update_layer(adapter_name, config, **kwargs)
+            return
+        new_module = self.layer_cls(target, adapter_name, config, **kwargs)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)  # an added adapter trains only after set_adapter
+        self._replace_module(parent, target_name, new_module, target)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        except ValueError as exc:
+            if "not found in the base model" not in str(exc):
+                raise
+            config = self.peft_config[adapter_name]
+            names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+            raise ValueError(
+                f"{type(config).__name__}.target_modules={config.target_modules!r} matched no module of the model; "
+                f"allowed: names (or suffixes) of linear layers, e.g. {names[:12]}, a regex, or 'all-linear'."
+            ) from exc
+
+    def _pre_injection_hook(self, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
+        # Every bitsandbytes 4-bit layer, adapted or not: a repacked one cuts gradients to all layers below it.
+        for module in model.modules():
+            _unpack_cpu_4bit(module)
+
+    def _post_injection_hook(self, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
+        tags = ["peft-ext", str(config.peft_type.value).lower()]
+        if hasattr(model, "add_model_tags"):
+            model.add_model_tags(tags)
+        else:
+            existing = list(getattr(model, "model_tags", None) or [])
+            model.model_tags = existing + [t for t in tags if t not in existing]
+
+    def tuner_layers(self):
+        """Iterate this model's tuner layers."""
+        return (m for m in self.model.modules() if isinstance(m, self.tuner_layer_cls))

@@ -1,0 +1,585 @@
+"""Training-step and merged-inference overhead of every peft-ext method against plain PEFT LoRA.
+
+What is measured, for every method in ``peft_ext.list_methods()`` (config built as
+``spec.config_cls(**spec.example_kwargs, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])``) and for a plain
+PEFT ``LoraConfig`` baseline with the same ``r`` and ``lora_alpha`` (one baseline per distinct pair):
+
+* **Training-step time.** Every variant gets its own deep copy of one seeded, randomly initialised
+  ``LlamaForCausalLM`` and its own AdamW optimizer over the trainable parameters. All variants live in the same
+  process; after warm-up steps, each repetition times every variant once in turn (round-robin, the starting
+  variant rotating every repetition, so slow drift of the machine hits every variant alike). One timed repetition is
+  ``--steps`` optimizer steps (forward + loss, backward, ``AdamW.step``, ``zero_grad``) on one fixed batch; the
+  reported figure is the median over ``--repeats`` repetitions of the mean step time, and the ratio is against the
+  LoRA baseline of the same rank and alpha.
+  Extra variants: a method whose config has ``cache_bases`` (NOLA) runs with ``cache_bases=True`` and with
+  ``cache_bases=False`` (the paper's mode, which regenerates the random bases in every forward and backward);
+  DyLoRA calls ``peft_ext.callbacks.DyLoraRankSampler(model, seed=0).step()`` before every step, as it trains.
+* **Peak memory of one training step**, measured per variant in isolation (see ``measure_memory``): on CPU from the
+  allocation events of ``torch.profiler`` (``profile_memory=True``), on CUDA from ``torch.cuda`` memory statistics.
+  It is the variant's own footprint: model copy, adapter, optimizer state, method caches, plus the step's peak of
+  activations and gradients. Reported in MiB and as a ratio to the LoRA baseline.
+* **Merged-inference time.** After training, each mergeable variant is ``merge_and_unload()``-ed (after checking that
+  the merged logits match the unmerged ones) and its no-grad forward time on the batch is compared with that of
+  the base model, interleaved the same way. A merged model is a plain ``LlamaForCausalLM``, so the ratio should be
+  ~1.0.
+
+Targets from the issue (reported, never asserted; the exit status is 0 whatever the numbers):
+DyLoRA step time <= 1.10x LoRA, NOLA with ``cache_bases=True`` <= 1.30x LoRA, merged inference <= 1.02x base.
+Each row carries ``meets_target`` (``null`` when no target applies to the row).
+
+Rerun::
+
+    HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench_overhead.py            # full run, a few minutes on 2 CPU cores
+    HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench_overhead.py --quick    # tiny model, smoke test (< 30 s)
+    .venv/bin/python scripts/bench_overhead.py --hidden-size 512 --num-layers 8 --repeats 9 --out results/big.json
+
+A markdown table is printed; everything (settings, environment, per-repetition timings, memory breakdown) is written
+to ``--out`` (default ``results/bench_overhead.json``) through a temporary file and ``os.replace``. Timings on
+a shared or thermally throttled machine are noisy; two LoRA baselines of identical cost (different alpha) give a
+rough idea of the noise level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import peft  # noqa: E402
+import transformers  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+import peft_ext  # noqa: E402
+from peft_ext.callbacks import DyLoraRankSampler  # noqa: E402
+
+TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
+MIB = 2**20
+
+# Targets from the issue. Keys of STEP_TIME_TARGETS are variant keys (see build_variants).
+STEP_TIME_TARGETS = {"dylora": 1.10, "nola[cache_bases=True]": 1.30}
+MERGED_INFERENCE_TARGET = 1.02
+
+FULL_SIZES = dict(
+    hidden_size=256, num_layers=4, intermediate_size=688, num_heads=8, vocab_size=2000, seq_len=128, batch_size=8,
+    repeats=5, steps=2, warmup=2, infer_iters=3,
+)
+QUICK_SIZES = dict(
+    hidden_size=64, num_layers=2, intermediate_size=172, num_heads=4, vocab_size=256, seq_len=32, batch_size=2,
+    repeats=5, steps=1, warmup=1, infer_iters=2,
+)
+
+
+@dataclass
+class Variant:
+    """One thing to benchmark: a PEFT config plus how it trains."""
+
+    key: str
+    method: str
+    label: str
+    make_config: Callable[[], Any]
+    mergeable: bool
+    baseline_key: Optional[str] = None  # the LoRA variant it is compared with; None for LoRA itself
+    rank_sampler: bool = False  # DyLoRA: DyLoraRankSampler.step() before every optimizer step
+    step_time_target: Optional[float] = None
+    config_kwargs: dict = field(default_factory=dict)
+
+
+class Trainee:
+    """A variant's PEFT model, optimizer and (for DyLoRA) rank sampler, ready to take optimizer steps."""
+
+    def __init__(self, variant: Variant, base_model: nn.Module, lr: float, seed: int):
+        """Deep-copy ``base_model``, wrap it with the variant's config and set up AdamW over the trainable params."""
+        torch.manual_seed(seed)  # adapter initialisation does not depend on the order variants are built in
+        self.variant = variant
+        self.model = get_peft_model(copy.deepcopy(base_model), variant.make_config())
+        self.model.train()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr)
+        self.sampler = DyLoraRankSampler(self.model, seed=0) if variant.rank_sampler else None
+        self.last_loss = float("nan")
+
+    def step(self, batch: dict) -> None:
+        """One optimizer step on ``batch``: (rank sampling,) forward + loss, backward, AdamW step, zero_grad."""
+        if self.sampler is not None:
+            self.sampler.step()
+        loss = self.model(**batch).loss
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.last_loss = loss.detach()
+
+    def trainable_params(self) -> int:
+        """Number of trainable parameters (unique tensors)."""
+        return sum(p.numel() for p in {id(p): p for p in self.params}.values())
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """Parse the command line; sizes left unset take the full-run or ``--quick`` defaults."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny model and minimal steps: a smoke test in well under 30 s")
+    p.add_argument("--hidden-size", type=int, help=f"default {FULL_SIZES['hidden_size']}")
+    p.add_argument("--num-layers", type=int, help=f"default {FULL_SIZES['num_layers']}")
+    p.add_argument("--intermediate-size", type=int, help=f"default {FULL_SIZES['intermediate_size']}")
+    p.add_argument("--num-heads", type=int, help=f"default {FULL_SIZES['num_heads']}")
+    p.add_argument("--vocab-size", type=int, help=f"default {FULL_SIZES['vocab_size']}")
+    p.add_argument("--seq-len", type=int, help=f"default {FULL_SIZES['seq_len']}")
+    p.add_argument("--batch-size", type=int, help=f"default {FULL_SIZES['batch_size']}")
+    p.add_argument("--repeats", type=int, help=f"timed repetitions per variant (>= 5); default {FULL_SIZES['repeats']}")
+    p.add_argument("--steps", type=int, help=f"optimizer steps per timed repetition; default {FULL_SIZES['steps']}")
+    p.add_argument("--warmup", type=int, help=f"untimed steps per variant first; default {FULL_SIZES['warmup']}")
+    p.add_argument("--infer-iters", type=int, help=f"forwards per timed inference repetition; default "
+                   f"{FULL_SIZES['infer_iters']}")
+    p.add_argument("--rank", type=int, default=None, help="override r of every method and of LoRA (default: each "
+                   "method's example_kwargs)")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the base model, the batch and adapter inits")
+    p.add_argument("--device", default="auto", help="'auto' (cuda if available, else cpu), 'cpu' or 'cuda'")
+    p.add_argument("--out", default="results/bench_overhead.json", help="JSON output path")
+    args = p.parse_args(argv)
+    preset = QUICK_SIZES if args.quick else FULL_SIZES
+    for name, value in preset.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    for name in preset:
+        if getattr(args, name) < (0 if name == "warmup" else 1):
+            p.error(f"--{name.replace('_', '-')} must be positive; got {getattr(args, name)}")
+    if args.hidden_size % args.num_heads:
+        p.error("--hidden-size must be divisible by --num-heads")
+    if args.repeats < 5:
+        print(f"warning: --repeats {args.repeats} < 5; the issue asks for the median of at least 5", file=sys.stderr)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return args
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, torch's (CPU and CUDA) and, if installed, numpy's global RNGs."""
+    import random
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:
+        pass
+
+
+def build_base_model(args: argparse.Namespace) -> LlamaForCausalLM:
+    """A seeded, randomly initialised ``LlamaForCausalLM`` of the requested size on ``args.device``."""
+    seed_everything(args.seed)
+    config = LlamaConfig(
+        vocab_size=args.vocab_size,
+        hidden_size=args.hidden_size,
+        intermediate_size=args.intermediate_size,
+        num_hidden_layers=args.num_layers,
+        num_attention_heads=args.num_heads,
+        num_key_value_heads=args.num_heads,
+        max_position_embeddings=max(args.seq_len, 128),
+        tie_word_embeddings=False,
+        use_cache=False,
+    )
+    model = LlamaForCausalLM(config).to(args.device)
+    model.requires_grad_(True)
+    return model
+
+
+def make_batch(args: argparse.Namespace) -> dict:
+    """A fixed random batch of token ids (labels = inputs, causal LM loss), on ``args.device``."""
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    ids = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len), generator=gen).to(args.device)
+    return {"input_ids": ids, "labels": ids, "use_cache": False}
+
+
+def _config_fields(config_cls: type) -> set[str]:
+    """Names of the dataclass fields of a config class."""
+    return {f.name for f in dataclasses.fields(config_cls)}
+
+
+def build_variants(args: argparse.Namespace) -> tuple[list[Variant], list[dict]]:
+    """The LoRA baselines and the peft-ext variants to benchmark, plus the methods skipped (with the reason)."""
+    lora: dict[str, Variant] = {}
+    ext: list[Variant] = []
+    skipped = []
+    for spec in peft_ext.list_methods():
+        if spec.routed:
+            skipped.append({"method": spec.name, "reason": "routed method: needs per-call routing inputs"})
+            continue
+        kwargs = dict(spec.example_kwargs)
+        fields = _config_fields(spec.config_cls)
+        if args.rank is not None and "r" in fields:
+            kwargs["r"] = args.rank
+        r = kwargs.get("r", args.rank or 8)
+        alpha = kwargs.get("lora_alpha", r)
+        dropout = kwargs.get("lora_dropout", 0.0)
+        base_key = f"lora[r={r},alpha={alpha:g}]"
+        if base_key not in lora:
+            lora_kwargs = dict(r=r, lora_alpha=alpha, lora_dropout=dropout)
+            lora[base_key] = Variant(
+                key=base_key, method="lora", label=f"PEFT LoraConfig r={r} α={alpha:g}",
+                make_config=lambda kw=lora_kwargs: LoraConfig(**kw, target_modules=list(TARGET_MODULES)),
+                mergeable=True, config_kwargs=lora_kwargs,
+            )
+        options = [({}, "example_kwargs", spec.name)]
+        if "cache_bases" in fields:
+            options = [({"cache_bases": c}, f"cache_bases={c}" + ("" if c else " (regenerate)"),
+                        f"{spec.name}[cache_bases={c}]") for c in (True, False)]
+        for extra, label, key in options:
+            cfg_kwargs = {**kwargs, **extra}
+            sampler = spec.name == "dylora"
+            ext.append(Variant(
+                key=key, method=spec.name, label="rank-sampled (DyLoraRankSampler)" if sampler else label,
+                make_config=lambda cls=spec.config_cls, kw=cfg_kwargs: cls(**kw, target_modules=list(TARGET_MODULES)),
+                mergeable=spec.mergeable, baseline_key=base_key, rank_sampler=sampler,
+                step_time_target=STEP_TIME_TARGETS.get(key), config_kwargs=cfg_kwargs,
+            ))
+    return list(lora.values()) + ext, skipped
+
+
+def _sync(device: str) -> None:
+    """Wait for queued device work (CUDA) so wall-clock timings are complete; no-op on CPU."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _memory_events(prof) -> list[int]:
+    """Signed sizes of the CPU allocation (+) and free (-) events a ``torch.profiler`` run recorded, in time order.
+
+    These are the profiler's raw ``[memory]`` events (from ``prof.profiler.kineto_results``); ``prof.events()`` only
+    has them aggregated per operator, which loses the order needed for a running peak.
+    """
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events = [e for e in events if str(e.device_type()).endswith("CPU")]
+    events.sort(key=lambda e: e.start_ns())  # stable: simultaneous events keep their recorded order
+    return [int(e.nbytes()) for e in events]
+
+
+def _state_bytes(trainee: Trainee) -> dict:
+    """Bytes of the variant's parameters + buffers and of its optimizer state (unique storages), for cross-checks."""
+    seen, model_bytes = set(), 0
+    for t in list(trainee.model.parameters()) + list(trainee.model.buffers()):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
+            model_bytes += t.untyped_storage().nbytes()
+    opt_bytes = sum(
+        v.untyped_storage().nbytes()
+        for state in trainee.optimizer.state.values()
+        for v in state.values()
+        if torch.is_tensor(v)
+    )
+    return {"params_and_buffers_mib": model_bytes / MIB, "optimizer_state_mib": opt_bytes / MIB}
+
+
+def measure_memory(variant: Variant, base_model: nn.Module, batch: dict, args: argparse.Namespace) -> dict:
+    """Peak memory (MiB) of one training step of ``variant``, measured with nothing else of the variant alive.
+
+    CPU: PyTorch's CPU allocator keeps no statistics, so the profiler's allocation events are used. A first profile
+    covers building the variant (deep copy of the base model, adapter injection, optimizer) and ``--warmup`` steps
+    (at least one, so AdamW state and method caches such as NOLA's cached bases exist); the sum of its events is the
+    memory the variant holds between steps (``state``). A second profile covers exactly one training step; the
+    maximum of the running sum of its events is the step's extra peak (activations, gradients, transient buffers).
+    Peak = state + step peak. Every tensor the variant owns is allocated inside the first profile, so the figure
+    includes the base-model copy, which is identical for all variants; memory that is not a tensor (Python
+    objects) is not counted. CUDA: the same split from ``torch.cuda.memory_allocated`` / ``max_memory_allocated``.
+    """
+    gc.collect()
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        trainee = Trainee(variant, base_model, args.lr, args.seed)
+        for _ in range(max(1, args.warmup)):
+            trainee.step(batch)
+        torch.cuda.synchronize()
+        state = torch.cuda.memory_allocated() - before
+        torch.cuda.reset_peak_memory_stats()
+        trainee.step(batch)
+        torch.cuda.synchronize()
+        step_peak = torch.cuda.max_memory_allocated() - before - state
+        source = "torch.cuda.memory_allocated / max_memory_allocated"
+    else:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            trainee = Trainee(variant, base_model, args.lr, args.seed)
+            for _ in range(max(1, args.warmup)):
+                trainee.step(batch)
+        state = sum(_memory_events(prof))
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            trainee.step(batch)
+        running, step_peak = 0, 0
+        for nbytes in _memory_events(prof):
+            running += nbytes
+            step_peak = max(step_peak, running)
+        source = "torch.profiler profile_memory=True, running sum of [memory] events"
+    result = {
+        "peak_mib": (state + step_peak) / MIB,
+        "state_mib": state / MIB,
+        "step_peak_above_state_mib": step_peak / MIB,
+        "source": source,
+        **_state_bytes(trainee),
+    }
+    del trainee
+    gc.collect()
+    return result
+
+
+def time_training(trainees: list[Trainee], batch: dict, args: argparse.Namespace) -> dict[str, list[float]]:
+    """Per-step wall time (ms) of every trainee, ``args.repeats`` interleaved repetitions of ``args.steps`` steps."""
+    for trainee in trainees:
+        for _ in range(args.warmup):
+            trainee.step(batch)
+    times: dict[str, list[float]] = {t.variant.key: [] for t in trainees}
+    n = len(trainees)
+    for rep in range(args.repeats):
+        order = trainees[rep % n:] + trainees[: rep % n]  # round-robin, rotating which variant goes first
+        for trainee in order:
+            gc.collect()
+            _sync(args.device)
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                trainee.step(batch)
+            _sync(args.device)
+            times[trainee.variant.key].append((time.perf_counter() - t0) * 1000 / args.steps)
+    return times
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, batch: dict) -> torch.Tensor:
+    """No-grad logits of ``model`` on the batch's inputs."""
+    return model(input_ids=batch["input_ids"], use_cache=False).logits
+
+
+def merge_models(trainees: list[Trainee], batch: dict) -> dict[str, dict]:
+    """``merge_and_unload()`` every mergeable trainee; returns, per variant, the merged model and the largest
+    absolute difference between its logits and the unmerged adapter's (eval mode), relative to the logit scale."""
+    merged = {}
+    for trainee in trainees:
+        if not trainee.variant.mergeable:
+            continue
+        trainee.model.eval()
+        before = _logits(trainee.model, batch)
+        model = trainee.model.merge_and_unload()
+        model.eval()
+        after = _logits(model, batch)
+        merged[trainee.variant.key] = {
+            "model": model,
+            "merge_max_abs_diff": float((after - before).abs().max()),
+            "logit_max_abs": float(before.abs().max()),
+            "adapter_changed_output": None,
+        }
+    return merged
+
+
+@torch.no_grad()
+def time_inference(models: dict[str, nn.Module], batch: dict, args: argparse.Namespace) -> dict[str, list[float]]:
+    """Per-forward wall time (ms) of no-grad inference, interleaved round-robin like ``time_training``."""
+    items = list(models.items())
+    for _, model in items:
+        model.eval()
+        for _ in range(max(1, args.warmup)):
+            _logits(model, batch)
+    times: dict[str, list[float]] = {k: [] for k, _ in items}
+    n = len(items)
+    for rep in range(args.repeats):
+        for key, model in items[rep % n:] + items[: rep % n]:
+            gc.collect()
+            _sync(args.device)
+            t0 = time.perf_counter()
+            for _ in range(args.infer_iters):
+                _logits(model, batch)
+            _sync(args.device)
+            times[key].append((time.perf_counter() - t0) * 1000 / args.infer_iters)
+    return times
+
+
+def _fmt(value: Optional[float], spec: str, suffix: str = "") -> str:
+    """Format a number for the table, '—' for missing."""
+    return "—" if value is None else f"{value:{spec}}{suffix}"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The results as a markdown table."""
+    head = ["method", "variant", "trainable params", "step ms (median)", "× LoRA", "peak mem MiB", "mem × LoRA",
+            "merged inf × base", "target", "meets target"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
+    for r in rows:
+        targets = []
+        if r["step_time_target"] is not None:
+            targets.append(f"step ≤ {r['step_time_target']:.2f}×")
+        if r["merged_inference_target"] is not None:
+            targets.append(f"merged ≤ {r['merged_inference_target']:.2f}×")
+        meets = {True: "yes", False: "**no**", None: "—"}[r["meets_target"]]
+        lines.append("| " + " | ".join([
+            r["method"], r["variant"], f"{r['trainable_params']:,}", _fmt(r["step_ms_median"], ".1f"),
+            _fmt(r["step_time_ratio_vs_lora"], ".3f"), _fmt(r["peak_mem_mib"], ".1f"),
+            _fmt(r["mem_ratio_vs_lora"], ".3f"), _fmt(r["merged_inference_ratio_vs_base"], ".3f"),
+            ", ".join(targets) or "—", meets,
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def write_json(path: str, payload: dict) -> None:
+    """Write ``payload`` to ``path`` atomically (temporary file in the same folder, then ``os.replace``)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".bench_overhead-", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=2, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def environment(args: argparse.Namespace) -> dict:
+    """Versions and machine facts that matter for reading the timings."""
+    env = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "peft_ext": peft_ext.__version__,
+        "device": args.device,
+        "torch_num_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+    }
+    if args.device.startswith("cuda"):
+        env["cuda_device"] = torch.cuda.get_device_name()
+    return env
+
+
+def _finite(x: float) -> Optional[float]:
+    """``x`` if it is a finite float, else ``None`` (JSON has no NaN)."""
+    return x if x == x and abs(x) != float("inf") else None
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Run the benchmark, print the table and write the JSON; always returns 0 (targets are reported only)."""
+    t_start = time.perf_counter()
+    args = parse_args(argv)
+    variants, skipped = build_variants(args)
+    base_model = build_base_model(args)
+    batch = make_batch(args)
+    print(f"{len(variants)} variants on {args.device}: {', '.join(v.key for v in variants)}", file=sys.stderr)
+
+    print("measuring peak memory (one variant at a time) ...", file=sys.stderr)
+    memory = {v.key: measure_memory(v, base_model, batch, args) for v in variants}
+
+    print("timing training steps (interleaved) ...", file=sys.stderr)
+    trainees = [Trainee(v, base_model, args.lr, args.seed) for v in variants]
+    train_times = time_training(trainees, batch, args)
+    losses = {t.variant.key: _finite(float(t.last_loss)) for t in trainees}
+    trainable = {t.variant.key: t.trainable_params() for t in trainees}
+
+    print("timing merged inference (interleaved) ...", file=sys.stderr)
+    base_eval = copy.deepcopy(base_model).eval()
+    base_logits = _logits(base_eval, batch)
+    merged = merge_models(trainees, batch)
+    for key, m in merged.items():
+        m["adapter_changed_output"] = bool(not torch.equal(_logits(m["model"], batch), base_logits))
+    del trainees
+    gc.collect()
+    infer_times = time_inference({"base": base_eval, **{k: m["model"] for k, m in merged.items()}}, batch, args)
+
+    base_infer = statistics.median(infer_times["base"])
+    rows = []
+    for v in variants:
+        ref = v.baseline_key or v.key
+        step = statistics.median(train_times[v.key])
+        step_ratio = step / statistics.median(train_times[ref])
+        mem, mem_ref = memory[v.key]["peak_mib"], memory[ref]["peak_mib"]
+        merged_ratio = statistics.median(infer_times[v.key]) / base_infer if v.key in merged else None
+        merged_target = MERGED_INFERENCE_TARGET if v.baseline_key is not None and v.mergeable else None
+        checks = []
+        if v.step_time_target is not None:
+            checks.append(step_ratio <= v.step_time_target)
+        if merged_target is not None:
+            checks.append(merged_ratio <= merged_target)
+        m = merged.get(v.key, {})
+        rows.append({
+            "key": v.key,
+            "method": v.method,
+            "variant": v.label,
+            "config_kwargs": v.config_kwargs,
+            "baseline": ref,
+            "trainable_params": trainable[v.key],
+            "step_ms_median": step,
+            "step_ms_all": train_times[v.key],
+            "step_time_ratio_vs_lora": step_ratio,
+            "peak_mem_mib": mem,
+            "mem_ratio_vs_lora": mem / mem_ref if mem_ref else None,
+            "memory": memory[v.key],
+            "mergeable": v.mergeable,
+            "merged_inference_ms_median": statistics.median(infer_times[v.key]) if v.key in merged else None,
+            "merged_inference_ms_all": infer_times.get(v.key),
+            "merged_inference_ratio_vs_base": merged_ratio,
+            "merge_max_abs_diff": m.get("merge_max_abs_diff"),
+            "merged_differs_from_base": m.get("adapter_changed_output"),
+            "final_train_loss": losses[v.key],
+            "step_time_target": v.step_time_target,
+            "merged_inference_target": merged_target,
+            "meets_step_time_target": (step_ratio <= v.step_time_target) if v.step_time_target else None,
+            "meets_merged_inference_target": (merged_ratio <= merged_target) if merged_target else None,
+            "meets_target": all(checks) if checks else None,
+        })
+
+    table = markdown_table(rows)
+    print(table)
+    runtime = time.perf_counter() - t_start
+    print(f"\nbase model inference: {base_infer:.1f} ms/forward (median); total runtime {runtime:.1f} s")
+    bad_merge = [r["key"] for r in rows if r["merge_max_abs_diff"] is not None
+                 and r["merge_max_abs_diff"] > 1e-3 * max(1.0, merged[r["key"]]["logit_max_abs"])]
+    if bad_merge:
+        print(f"WARNING: merged logits differ from the unmerged adapter's for {bad_merge}", file=sys.stderr)
+
+    payload = {
+        "description": "Training-step time, peak memory and merged-inference time of peft-ext methods vs PEFT LoRA; "
+        "see the docstring of scripts/bench_overhead.py.",
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]) if argv is None else argv,
+        "settings": {k: v for k, v in vars(args).items()},
+        "model": {"class": "LlamaForCausalLM", "target_modules": TARGET_MODULES,
+                  "params": sum(p.numel() for p in base_model.parameters())},
+        "environment": environment(args),
+        "targets": {
+            "dylora_step_time_ratio_vs_lora_max": STEP_TIME_TARGETS["dylora"],
+            "nola_cached_step_time_ratio_vs_lora_max": STEP_TIME_TARGETS["nola[cache_bases=True]"],
+            "merged_inference_ratio_vs_base_max": MERGED_INFERENCE_TARGET,
+        },
+        "base_inference_ms_median": base_infer,
+        "base_inference_ms_all": infer_times["base"],
+        "rows": rows,
+        "skipped_methods": skipped,
+        "merge_mismatch": bad_merge,
+        "runtime_s": runtime,
+        "table_markdown": table,
+    }
+    write_json(args.out, payload)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
