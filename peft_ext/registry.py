@@ -198,6 +198,24 @@ def _patch_peft_model() -> None:
     PeftModel.save_pretrained = save_pretrained
     PeftModel._peft_ext_patched = True
 
+    import peft.peft_model as peft_model_module
+
+    orig_load = peft_model_module.load_peft_weights
+
+    @functools.wraps(orig_load)
+    def load_peft_weights(model_id, *args, **kwargs):
+        try:
+            return orig_load(model_id, *args, **kwargs)
+        except OSError:  # missing files, Hub look-ups: already clear
+            raise
+        except Exception as exc:  # safetensors / unpickling errors do not say which file is broken
+            raise ValueError(
+                f"The adapter weights in {model_id!r} are truncated, corrupted or not a safetensors file "
+                f"({type(exc).__name__}: {exc}). Save the adapter again, or copy the folder again."
+            ) from exc
+
+    peft_model_module.load_peft_weights = load_peft_weights
+
 
 def _atomic_write_text(path: str, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))

@@ -149,6 +149,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    "method's example_kwargs)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the base model, the batch and adapter inits")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own choice)")
     p.add_argument("--device", default="auto", help="'auto' (cuda if available, else cpu), 'cpu' or 'cuda'")
     p.add_argument("--out", default="results/bench_overhead.json", help="JSON output path")
     args = p.parse_args(argv)
@@ -165,6 +166,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         print(f"warning: --repeats {args.repeats} < 5; the issue asks for the median of at least 5", file=sys.stderr)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     return args
 
 
@@ -453,6 +456,17 @@ def write_json(path: str, payload: dict) -> None:
         raise
 
 
+def _load_average() -> Optional[list[float]]:
+    """The 1/5/15-minute load averages (None where the OS has none): other processes skew CPU timings."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+LOAD_AT_START = _load_average()
+
+
 def environment(args: argparse.Namespace) -> dict:
     """Versions and machine facts that matter for reading the timings."""
     env = {
@@ -465,6 +479,8 @@ def environment(args: argparse.Namespace) -> dict:
         "device": args.device,
         "torch_num_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        "load_average_at_start": LOAD_AT_START,
+        "load_average_at_end": _load_average(),
     }
     if args.device.startswith("cuda"):
         env["cuda_device"] = torch.cuda.get_device_name()
@@ -483,6 +499,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     variants, skipped = build_variants(args)
     base_model = build_base_model(args)
     batch = make_batch(args)
+    if LOAD_AT_START and LOAD_AT_START[0] > (os.cpu_count() or 1) * 0.5:
+        print(f"note: load average {LOAD_AT_START} on {os.cpu_count()} CPUs; other processes will add timing noise",
+              file=sys.stderr)
     print(f"{len(variants)} variants on {args.device}: {', '.join(v.key for v in variants)}", file=sys.stderr)
 
     print("measuring peak memory (one variant at a time) ...", file=sys.stderr)

