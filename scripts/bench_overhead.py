@@ -6,11 +6,12 @@ PEFT ``LoraConfig`` baseline with the same ``r`` and ``lora_alpha`` (one baselin
 
 * **Training-step time.** Every variant gets its own deep copy of one seeded, randomly initialised
   ``LlamaForCausalLM`` and its own AdamW optimizer over the trainable parameters. All variants live in the same
-  process; after warm-up steps, each repetition times every variant once in turn (round-robin, the starting
-  variant rotating every repetition, so slow drift of the machine hits every variant alike). One timed repetition is
-  ``--steps`` optimizer steps (forward + loss, backward, ``AdamW.step``, ``zero_grad``) on one fixed batch; the
-  reported figure is the median over ``--repeats`` repetitions of the mean step time, and the ratio is against the
-  LoRA baseline of the same rank and alpha.
+  process. After warm-up steps, ``--repeats`` repetitions are timed; one repetition is ``--steps`` optimizer steps
+  (forward + loss, backward, ``AdamW.step``, ``zero_grad``) on one fixed batch for every variant, the variants
+  taking turns step by step (round-robin, the first one rotating every repetition), so a change in machine load
+  hits all variants of a repetition alike. Reported: the median over repetitions of the mean step time, and the
+  ratio to the LoRA baseline of the same rank and alpha as the median of the per-repetition ratios (the ratio of
+  the medians is in the JSON too).
   Extra variants: a method whose config has ``cache_bases`` (NOLA) runs with ``cache_bases=True`` and with
   ``cache_bases=False`` (the paper's mode, which regenerates the random bases in every forward and backward);
   DyLoRA calls ``peft_ext.callbacks.DyLoraRankSampler(model, seed=0).step()`` before every step, as it trains.
@@ -20,28 +21,33 @@ PEFT ``LoraConfig`` baseline with the same ``r`` and ``lora_alpha`` (one baselin
   activations and gradients. Reported in MiB and as a ratio to the LoRA baseline.
 * **Merged-inference time.** After training, each mergeable variant is ``merge_and_unload()``-ed (after checking that
   the merged logits match the unmerged ones) and its no-grad forward time on the batch is compared with that of
-  the base model, interleaved the same way. A merged model is a plain ``LlamaForCausalLM``, so the ratio should be
-  ~1.0.
+  the base model (frozen, eval mode), interleaved and summarised the same way (``--infer-iters`` forwards per
+  repetition). A merged model is a plain ``LlamaForCausalLM``, so the ratio should be ~1.0.
 
 Targets from the issue (reported, never asserted; the exit status is 0 whatever the numbers):
-DyLoRA step time <= 1.10x LoRA, NOLA with ``cache_bases=True`` <= 1.30x LoRA, merged inference <= 1.02x base.
-Each row carries ``meets_target`` (``null`` when no target applies to the row).
+DyLoRA step time <= 1.10x LoRA, NOLA with ``cache_bases=True`` <= 1.30x LoRA, merged inference <= 1.02x base
+(applied to every mergeable peft-ext variant). Each row carries ``meets_target``: true when every target that
+applies to the row is met, ``null`` when none applies (the LoRA baselines).
 
-Rerun::
+Rerun (from the repository root)::
 
-    HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench_overhead.py            # full run, a few minutes on 2 CPU cores
-    HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench_overhead.py --quick    # tiny model, smoke test (< 30 s)
+    .venv/bin/python scripts/bench_overhead.py              # full run, 1-2 minutes on 2 idle CPU cores
+    .venv/bin/python scripts/bench_overhead.py --threads 1  # the same on a machine other processes keep busy
+    .venv/bin/python scripts/bench_overhead.py --quick      # tiny model, one thread: a smoke test (< 30 s)
     .venv/bin/python scripts/bench_overhead.py --hidden-size 512 --num-layers 8 --repeats 9 --out results/big.json
 
-A markdown table is printed; everything (settings, environment, per-repetition timings, memory breakdown) is written
-to ``--out`` (default ``results/bench_overhead.json``) through a temporary file and ``os.replace``. Timings on
-a shared or thermally throttled machine are noisy; two LoRA baselines of identical cost (different alpha) give a
-rough idea of the noise level.
+A markdown table is printed; everything (settings, environment and load average, per-repetition timings, memory
+breakdown, merge checks) is written to ``--out`` (default ``results/bench_overhead.json``) through a temporary file
+and ``os.replace``. Timings on a shared machine are noisy; the two LoRA baselines of identical cost (different
+alpha) give a rough idea of the noise level. When other processes use the CPUs, torch's default of one OpenMP
+thread per core can make every step many times slower (threads spin waiting for a descheduled sibling), so use
+``--threads 1`` there. ``HF_HUB_OFFLINE=1`` is set by the script; nothing is downloaded.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import gc
@@ -77,11 +83,11 @@ MERGED_INFERENCE_TARGET = 1.02
 
 FULL_SIZES = dict(
     hidden_size=256, num_layers=4, intermediate_size=688, num_heads=8, vocab_size=2000, seq_len=128, batch_size=8,
-    repeats=5, steps=2, warmup=2, infer_iters=3,
+    repeats=7, steps=3, warmup=2, infer_iters=5, threads=None,
 )
 QUICK_SIZES = dict(
     hidden_size=64, num_layers=2, intermediate_size=172, num_heads=4, vocab_size=256, seq_len=32, batch_size=2,
-    repeats=5, steps=1, warmup=1, infer_iters=2,
+    repeats=5, steps=1, warmup=1, infer_iters=2, threads=1,
 )
 
 
@@ -149,7 +155,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    "method's example_kwargs)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the base model, the batch and adapter inits")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own choice)")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads; default: torch's own choice (--quick: 1).\n"
+                   "Use 1 on a machine other processes are busy on: OpenMP threads that wait for a descheduled\n"
+                   "sibling can make every step 10x slower and the timings meaningless")
     p.add_argument("--device", default="auto", help="'auto' (cuda if available, else cpu), 'cpu' or 'cuda'")
     p.add_argument("--out", default="results/bench_overhead.json", help="JSON output path")
     args = p.parse_args(argv)
@@ -158,7 +166,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, value)
     for name in preset:
-        if getattr(args, name) < (0 if name == "warmup" else 1):
+        if getattr(args, name) is not None and getattr(args, name) < (0 if name == "warmup" else 1):
             p.error(f"--{name.replace('_', '-')} must be positive; got {getattr(args, name)}")
     if args.hidden_size % args.num_heads:
         p.error("--hidden-size must be divisible by --num-heads")
@@ -199,9 +207,7 @@ def build_base_model(args: argparse.Namespace) -> LlamaForCausalLM:
         tie_word_embeddings=False,
         use_cache=False,
     )
-    model = LlamaForCausalLM(config).to(args.device)
-    model.requires_grad_(True)
-    return model
+    return LlamaForCausalLM(config).to(args.device)
 
 
 def make_batch(args: argparse.Namespace) -> dict:
@@ -325,13 +331,18 @@ def measure_memory(variant: Variant, base_model: nn.Module, batch: dict, args: a
             trainee = Trainee(variant, base_model, args.lr, args.seed)
             for _ in range(max(1, args.warmup)):
                 trainee.step(batch)
-        state = sum(_memory_events(prof))
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof_step:
             trainee.step(batch)
-        running, step_peak = 0, 0
-        for nbytes in _memory_events(prof):
-            running += nbytes
-            step_peak = max(step_peak, running)
+        try:
+            state = sum(_memory_events(prof))
+            running, step_peak = 0, 0
+            for nbytes in _memory_events(prof_step):
+                running += nbytes
+                step_peak = max(step_peak, running)
+        except AttributeError as exc:  # the raw event API moved in this torch version: report no figure
+            del trainee
+            gc.collect()
+            return {"peak_mib": None, "error": f"profiler memory events unavailable: {exc}"}
         source = "torch.profiler profile_memory=True, running sum of [memory] events"
     result = {
         "peak_mib": (state + step_peak) / MIB,
@@ -345,24 +356,58 @@ def measure_memory(variant: Variant, base_model: nn.Module, batch: dict, args: a
     return result
 
 
+@contextlib.contextmanager
+def _no_gc():
+    """Collect once, then keep Python's cyclic garbage collector off while timing (its pauses land on whichever
+    variant happens to run; tensors are freed by reference counting regardless)."""
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def interleaved_times(calls: dict[str, Callable[[], Any]], repeats: int, inner: int, device: str) -> dict:
+    """Wall time (ms per call) of every callable: ``repeats`` repetitions of ``inner`` calls each.
+
+    Within a repetition the callables take turns call by call (round-robin, the first one rotating every
+    repetition), so every variant's repetition spans the same stretch of time and a change in machine load hits all
+    of them alike; that is what makes the per-repetition ratios of ``paired_ratio`` meaningful.
+    """
+    keys = list(calls)
+    times: dict[str, list[float]] = {k: [] for k in keys}
+    with _no_gc():
+        for rep in range(repeats):
+            order = keys[rep % len(keys):] + keys[: rep % len(keys)]
+            total = dict.fromkeys(keys, 0.0)
+            for _ in range(inner):
+                for key in order:
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    calls[key]()
+                    _sync(device)
+                    total[key] += time.perf_counter() - t0
+            for key in keys:
+                times[key].append(total[key] * 1000 / inner)
+    return times
+
+
+def paired_ratio(times: list[float], ref_times: list[float]) -> float:
+    """Median over repetitions of ``times[i] / ref_times[i]`` (both measured in the same interleaved repetition)."""
+    return statistics.median(t / r for t, r in zip(times, ref_times))
+
+
 def time_training(trainees: list[Trainee], batch: dict, args: argparse.Namespace) -> dict[str, list[float]]:
-    """Per-step wall time (ms) of every trainee, ``args.repeats`` interleaved repetitions of ``args.steps`` steps."""
+    """Per-step wall time (ms) of every trainee after ``args.warmup`` steps each: ``args.repeats`` repetitions of
+    ``args.steps`` optimizer steps, interleaved step by step (see ``interleaved_times``)."""
     for trainee in trainees:
         for _ in range(args.warmup):
             trainee.step(batch)
-    times: dict[str, list[float]] = {t.variant.key: [] for t in trainees}
-    n = len(trainees)
-    for rep in range(args.repeats):
-        order = trainees[rep % n:] + trainees[: rep % n]  # round-robin, rotating which variant goes first
-        for trainee in order:
-            gc.collect()
-            _sync(args.device)
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                trainee.step(batch)
-            _sync(args.device)
-            times[trainee.variant.key].append((time.perf_counter() - t0) * 1000 / args.steps)
-    return times
+    calls = {t.variant.key: (lambda t=t: t.step(batch)) for t in trainees}
+    return interleaved_times(calls, args.repeats, args.steps, args.device)
 
 
 @torch.no_grad()
@@ -372,8 +417,8 @@ def _logits(model: nn.Module, batch: dict) -> torch.Tensor:
 
 
 def merge_models(trainees: list[Trainee], batch: dict) -> dict[str, dict]:
-    """``merge_and_unload()`` every mergeable trainee; returns, per variant, the merged model and the largest
-    absolute difference between its logits and the unmerged adapter's (eval mode), relative to the logit scale."""
+    """``merge_and_unload()`` every mergeable trainee; returns, per variant, the merged model, the largest absolute
+    difference between its logits and the unmerged adapter's (eval mode) and the logits' largest magnitude."""
     merged = {}
     for trainee in trainees:
         if not trainee.variant.mergeable:
@@ -394,24 +439,13 @@ def merge_models(trainees: list[Trainee], batch: dict) -> dict[str, dict]:
 
 @torch.no_grad()
 def time_inference(models: dict[str, nn.Module], batch: dict, args: argparse.Namespace) -> dict[str, list[float]]:
-    """Per-forward wall time (ms) of no-grad inference, interleaved round-robin like ``time_training``."""
-    items = list(models.items())
-    for _, model in items:
+    """Per-forward wall time (ms) of no-grad inference of every model, interleaved like ``time_training``."""
+    for model in models.values():
         model.eval()
         for _ in range(max(1, args.warmup)):
             _logits(model, batch)
-    times: dict[str, list[float]] = {k: [] for k, _ in items}
-    n = len(items)
-    for rep in range(args.repeats):
-        for key, model in items[rep % n:] + items[: rep % n]:
-            gc.collect()
-            _sync(args.device)
-            t0 = time.perf_counter()
-            for _ in range(args.infer_iters):
-                _logits(model, batch)
-            _sync(args.device)
-            times[key].append((time.perf_counter() - t0) * 1000 / args.infer_iters)
-    return times
+    calls = {key: (lambda m=model: _logits(m, batch)) for key, model in models.items()}
+    return interleaved_times(calls, args.repeats, args.infer_iters, args.device)
 
 
 def _fmt(value: Optional[float], spec: str, suffix: str = "") -> str:
@@ -445,7 +479,10 @@ def write_json(path: str, payload: dict) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".bench_overhead-", suffix=".json", dir=folder)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; give the result the usual permissions
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(payload, f, indent=2, allow_nan=False)
             f.write("\n")
@@ -500,21 +537,33 @@ def main(argv: Optional[list[str]] = None) -> int:
     base_model = build_base_model(args)
     batch = make_batch(args)
     if LOAD_AT_START and LOAD_AT_START[0] > (os.cpu_count() or 1) * 0.5:
-        print(f"note: load average {LOAD_AT_START} on {os.cpu_count()} CPUs; other processes will add timing noise",
-              file=sys.stderr)
+        print(f"note: load average {LOAD_AT_START} on {os.cpu_count()} CPUs; other processes will add timing noise"
+              + ("" if torch.get_num_threads() == 1 else " (consider --threads 1)"), file=sys.stderr)
     print(f"{len(variants)} variants on {args.device}: {', '.join(v.key for v in variants)}", file=sys.stderr)
+
+    phases = {}
+    phase_start = time.perf_counter()
+
+    def phase_done(name: str) -> None:
+        """Record and print how long the phase that just ended took."""
+        nonlocal phase_start
+        phases[name] = round(time.perf_counter() - phase_start, 2)
+        phase_start = time.perf_counter()
+        print(f"  {name}: {phases[name]:.1f} s", file=sys.stderr)
 
     print("measuring peak memory (one variant at a time) ...", file=sys.stderr)
     memory = {v.key: measure_memory(v, base_model, batch, args) for v in variants}
 
+    phase_done("memory")
     print("timing training steps (interleaved) ...", file=sys.stderr)
     trainees = [Trainee(v, base_model, args.lr, args.seed) for v in variants]
     train_times = time_training(trainees, batch, args)
     losses = {t.variant.key: _finite(float(t.last_loss)) for t in trainees}
     trainable = {t.variant.key: t.trainable_params() for t in trainees}
 
+    phase_done("training")
     print("timing merged inference (interleaved) ...", file=sys.stderr)
-    base_eval = copy.deepcopy(base_model).eval()
+    base_eval = copy.deepcopy(base_model).eval().requires_grad_(False)  # frozen, like a merged model
     base_logits = _logits(base_eval, batch)
     merged = merge_models(trainees, batch)
     for key, m in merged.items():
@@ -523,14 +572,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     gc.collect()
     infer_times = time_inference({"base": base_eval, **{k: m["model"] for k, m in merged.items()}}, batch, args)
 
+    phase_done("inference")
     base_infer = statistics.median(infer_times["base"])
     rows = []
     for v in variants:
         ref = v.baseline_key or v.key
         step = statistics.median(train_times[v.key])
-        step_ratio = step / statistics.median(train_times[ref])
+        step_ratio = paired_ratio(train_times[v.key], train_times[ref])
         mem, mem_ref = memory[v.key]["peak_mib"], memory[ref]["peak_mib"]
-        merged_ratio = statistics.median(infer_times[v.key]) / base_infer if v.key in merged else None
+        merged_ratio = paired_ratio(infer_times[v.key], infer_times["base"]) if v.key in merged else None
         merged_target = MERGED_INFERENCE_TARGET if v.baseline_key is not None and v.mergeable else None
         checks = []
         if v.step_time_target is not None:
@@ -548,14 +598,19 @@ def main(argv: Optional[list[str]] = None) -> int:
             "step_ms_median": step,
             "step_ms_all": train_times[v.key],
             "step_time_ratio_vs_lora": step_ratio,
+            "step_time_ratio_of_medians_vs_lora": step / statistics.median(train_times[ref]),
             "peak_mem_mib": mem,
-            "mem_ratio_vs_lora": mem / mem_ref if mem_ref else None,
+            "mem_ratio_vs_lora": mem / mem_ref if mem is not None and mem_ref else None,
             "memory": memory[v.key],
             "mergeable": v.mergeable,
             "merged_inference_ms_median": statistics.median(infer_times[v.key]) if v.key in merged else None,
             "merged_inference_ms_all": infer_times.get(v.key),
             "merged_inference_ratio_vs_base": merged_ratio,
+            "merged_inference_ratio_of_medians_vs_base": (
+                statistics.median(infer_times[v.key]) / base_infer if v.key in merged else None
+            ),
             "merge_max_abs_diff": m.get("merge_max_abs_diff"),
+            "merge_logit_max_abs": m.get("logit_max_abs"),
             "merged_differs_from_base": m.get("adapter_changed_output"),
             "final_train_loss": losses[v.key],
             "step_time_target": v.step_time_target,
@@ -577,7 +632,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     payload = {
         "description": "Training-step time, peak memory and merged-inference time of peft-ext methods vs PEFT LoRA; "
         "see the docstring of scripts/bench_overhead.py.",
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]) if argv is None else argv,
+        "command": " ".join(["python", *(sys.argv if argv is None else ["scripts/bench_overhead.py", *argv])]),
         "settings": {k: v for k, v in vars(args).items()},
         "model": {"class": "LlamaForCausalLM", "target_modules": TARGET_MODULES,
                   "params": sum(p.numel() for p in base_model.parameters())},
@@ -593,6 +648,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "skipped_methods": skipped,
         "merge_mismatch": bad_merge,
         "runtime_s": runtime,
+        "phase_runtime_s": phases,
         "table_markdown": table,
     }
     write_json(args.out, payload)

@@ -98,9 +98,7 @@ class DyLoraLayer(ExtLayer):
         b = self.rank[adapter] if rank is None else rank
         A = self.dylora_down[adapter].weight[:b]
         B = self.dylora_up[adapter].weight[:, :b]
-        if A.device.type == "cpu" and A.dtype in (torch.float16, torch.bfloat16):
-            return ((B.float() @ A.float()) * (self.lora_alpha[adapter] / b)).to(A.dtype)
-        return (B @ A) * (self.lora_alpha[adapter] / b)
+        return ((B.float() @ A.float()) * (self.lora_alpha[adapter] / b)).to(A.dtype)
 
     def __repr__(self) -> str:
         return "dylora." + super().__repr__()

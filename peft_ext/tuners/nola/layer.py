@@ -109,6 +109,7 @@ class NolaLayer(ExtLayer):
         self.nola_dropout = nn.ModuleDict({})
         self.nola_seed = BufferDict({}, persistent=True)
         self._nola_cache: dict = {}
+        self._seed_cache: dict = {}
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, layer_seed=layer_seed)
 
@@ -131,7 +132,15 @@ class NolaLayer(ExtLayer):
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def _seed(self, adapter: str) -> int:
-        return int(self.nola_seed[adapter].item())
+        """The stored layer seed as a Python int, read from the buffer only when the buffer changed (a device move
+        replaces it, ``load_state_dict`` bumps its version), so a forward on a GPU does not sync on ``.item()``."""
+        buf = self.nola_seed[adapter]
+        key = (id(buf), buf._version)
+        cached = self._seed_cache.get(adapter)
+        if cached is None or cached[0] != key:
+            cached = (key, int(buf.item()))
+            self._seed_cache[adapter] = cached
+        return cached[1]
 
     def _cached(self, adapter: str, device: torch.device, dtype: torch.dtype, with_bases: bool):
         """A0 (always) and, when caching, both basis stacks, for the stored seed on ``device``/``dtype``."""
