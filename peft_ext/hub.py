@@ -8,6 +8,7 @@ a temporary folder and uploads that folder as it is.
 from __future__ import annotations
 
 import tempfile
+from pathlib import Path
 from typing import Optional
 
 from huggingface_hub import HfApi
@@ -33,10 +34,33 @@ def push_to_hub(
         raise ValueError(f"push_to_hub: repo_id must look like 'user/name' or 'name'; got {repo_id!r}.")
     if not hasattr(model, "save_pretrained") or not hasattr(model, "peft_config"):
         raise TypeError(f"push_to_hub: model must be a PeftModel; got {type(model).__name__}.")
-    api = api or HfApi(token=token)
-    api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
     with tempfile.TemporaryDirectory(prefix="peft-ext-push-") as folder:
         model.save_pretrained(folder, **save_kwargs)
-        return api.upload_folder(
-            repo_id=repo_id, folder_path=folder, commit_message=commit_message, revision=revision, repo_type="model"
-        )
+        return push_folder(folder, repo_id, token=token, private=private, commit_message=commit_message,
+                           revision=revision, api=api)
+
+
+def push_folder(
+    folder,
+    repo_id: str,
+    *,
+    token: Optional[str] = None,
+    private: Optional[bool] = None,
+    commit_message: str = "Upload peft-ext adapter",
+    revision: Optional[str] = None,
+    api: Optional[HfApi] = None,
+):
+    """Upload an adapter folder written by ``save_pretrained`` (adapter, config, model card) to ``repo_id`` as is.
+
+    Used by ``push_to_hub`` and the ``peft-ext push`` command; works for every peft-ext method (see
+    ``peft_ext.list_methods()`` for the papers).
+    """
+    if not isinstance(repo_id, str) or repo_id.count("/") > 1 or not repo_id.strip("/"):
+        raise ValueError(f"push: repo_id must look like 'user/name' or 'name'; got {repo_id!r}.")
+    if not (Path(folder) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"push: {folder} has no adapter_config.json; pass a folder written by save_pretrained.")
+    api = api or HfApi(token=token)
+    api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
+    return api.upload_folder(
+        repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, revision=revision, repo_type="model"
+    )

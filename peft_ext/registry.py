@@ -21,7 +21,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from peft import PeftModel
 from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
@@ -51,6 +51,10 @@ class MethodSpec:
     identity_at_init: bool = field(default=True, metadata={"help": "A fresh adapter leaves the base output unchanged."})
     routed: bool = field(default=False, metadata={"help": "Needs per-call routing inputs (route ids, gates)."})
     summary: str = field(default="", metadata={"help": "One line for the README's method table."})
+    train_callback: Optional[Callable] = field(
+        default=None,
+        metadata={"help": "TrainerCallback class the method trains with (built as cls(model=..., seed=...)), if any."},
+    )
 
     @property
     def prefix(self) -> str:
@@ -233,6 +237,7 @@ _patch_peft_model()
 
 
 def _builtin_specs() -> list[MethodSpec]:
+    from .callbacks.dylora import DyLoraRankSampler
     from .tuners.dylora import DyLoraConfig, DyLoraModel
     from .tuners.nola import NolaConfig, NolaModel
 
@@ -247,6 +252,7 @@ def _builtin_specs() -> list[MethodSpec]:
             code_url="https://github.com/huawei-noah/Efficient-NLP",
             example_kwargs={"r": 8, "lora_alpha": 16},
             summary="One LoRA usable at every rank 1..r (nested-rank training, `set_rank(b)`).",
+            train_callback=DyLoraRankSampler,
         ),
         MethodSpec(
             name="nola",

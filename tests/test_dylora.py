@@ -128,17 +128,21 @@ def test_default_eval_rank_is_r_not_the_official_rank_1():
 
 def test_sampler_is_uniform_over_1_to_r_and_seeded():
     model, _ = dylora_mlp()
-    first = DyLoraRankSampler(model, seed=7).sample()
     sampler = DyLoraRankSampler(model, seed=7)
     n = 16_000
-    ranks = torch.tensor([sampler.sample() for _ in range(n)])
+    ranks = torch.tensor([sampler.sample(k) for k in range(n)])
     counts = torch.bincount(ranks, minlength=R + 1)[1:].float()
     assert counts.sum() == n and ranks.min() >= 1 and ranks.max() <= R
     # Each count is Binomial(n, 1/8): sd = sqrt(n·p·(1-p)) ≈ 41.8; 5 sd leaves a false-alarm chance below 1e-5.
     sd = (n * (1 / R) * (1 - 1 / R)) ** 0.5
     assert ((counts - n / R).abs() <= 5 * sd).all(), counts
-    assert first == ranks[0].item()  # same seed, same sequence
-    assert DyLoraRankSampler(model, seed=7, min_rank=5).sample() >= 5
+    # consecutive steps are not correlated: P(same rank twice in a row) ≈ 1/8
+    repeats = (ranks[1:] == ranks[:-1]).float().mean().item()
+    assert abs(repeats - 1 / R) < 0.02
+    again = DyLoraRankSampler(model, seed=7)
+    assert [again.step() for _ in range(50)] == ranks[:50].tolist()  # same seed, same sequence
+    assert [DyLoraRankSampler(model, seed=8).sample(k) for k in range(50)] != ranks[:50].tolist()
+    assert min(DyLoraRankSampler(model, seed=7, min_rank=5).sample(k) for k in range(200)) == 5
 
 
 def test_sampler_step_sets_every_layer_and_clear_restores():
@@ -169,8 +173,7 @@ def test_sampler_with_trainer_samples_every_optimizer_step(tmp_path):
     )
     sampler = DyLoraRankSampler(seed=3)
     Trainer(model=model, args=args, train_dataset=data, callbacks=[sampler]).train()
-    expected_gen = DyLoraRankSampler(model, seed=3)
-    expected = [expected_gen.sample() for _ in range(6)]
+    expected = [DyLoraRankSampler(model, seed=3).sample(step) for step in range(6)]
     # two micro-batches per optimizer step share the step's rank
     assert seen == [b for b in expected for _ in range(2)]
     assert layer.train_rank["default"] is None  # cleared at the end of training

@@ -26,7 +26,9 @@ class DyLoraRankSampler(TrainerCallback):
 
     Args:
         model: the model holding DyLoRA layers; taken from the Trainer when omitted.
-        seed: seed of the callback's own generator (the global RNG is left alone).
+        seed: seed of the rank sequence. The rank of optimizer step k is a function of (seed, k) alone, drawn from a
+            local generator (the global RNG is left alone), so a run resumed from a checkpoint samples exactly the
+            ranks the uninterrupted run would have.
         adapter_name: the DyLoRA adapter to sample for (default: the active adapters).
         min_rank: the smallest rank sampled (default 1, the paper's setting).
     """
@@ -39,21 +41,29 @@ class DyLoraRankSampler(TrainerCallback):
         self.model = model
         self.adapter_name = adapter_name
         self.min_rank = min_rank
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        self.num_steps = 0  # optimizer steps taken through step() in a hand-written loop
         self.last_rank: Optional[int] = None
 
-    def sample(self) -> int:
-        """Draw one rank uniformly from ``min_rank..r`` without applying it."""
+    def sample(self, step: int) -> int:
+        """The rank of optimizer step ``step``: uniform on ``min_rank..r``, a function of (seed, step) only."""
         r = max_rank(self.model, self.adapter_name)
         if self.min_rank > r:
             raise ValueError(f"DyLoraRankSampler.min_rank={self.min_rank} exceeds the adapter rank r={r}.")
-        return int(torch.randint(self.min_rank, r + 1, (1,), generator=self.generator).item())
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        return int(torch.randint(self.min_rank, r + 1, (1,), generator=generator).item())
 
-    def step(self) -> int:
-        """Sample a rank, set it as the training rank of every DyLoRA layer, and return it."""
+    def step(self, global_step: Optional[int] = None) -> int:
+        """Set the rank of the next optimizer step on every DyLoRA layer and return it.
+
+        ``global_step`` is the index of that step (the Trainer passes its own); by default a counter of the calls.
+        """
         if self.model is None:
             raise ValueError("DyLoraRankSampler.step() needs the model: pass it to the constructor.")
-        self.last_rank = self.sample()
+        if global_step is None:
+            global_step = self.num_steps
+        self.num_steps = global_step + 1
+        self.last_rank = self.sample(global_step)
         set_rank(self.model, self.last_rank, self.adapter_name, training_only=True)
         return self.last_rank
 
@@ -68,7 +78,7 @@ class DyLoraRankSampler(TrainerCallback):
             self.model = model
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self.step()
+        self.step(state.global_step)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.clear()

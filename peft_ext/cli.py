@@ -1,0 +1,270 @@
+"""The ``peft-ext`` command: train, eval, compare, export, push and list methods.
+
+    peft-ext train recipes/quickstart.yaml [--set training.learning_rate=1e-3 ...] [--resume]
+    peft-ext eval recipes/quickstart.yaml --adapter out/quickstart/adapter
+    peft-ext compare recipes/quickstart.yaml --methods lora,dylora,nola
+    peft-ext export out/quickstart/adapter --to lora --out out/quickstart/lora [--rank 8]
+    peft-ext push out/quickstart/adapter user/my-adapter [--private]
+    peft-ext methods
+
+Recipes are YAML files (``peft_ext/recipe.py`` documents every key). Every method comes from the registry; the
+papers behind them are listed by ``peft-ext methods``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="peft-ext", description="LoRA-family methods from recent papers, on PEFT.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train the method a recipe names")
+    t.add_argument("recipe", help="YAML recipe")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. training.learning_rate=1e-3 (repeatable)")
+    t.add_argument("--resume", action="store_true", help="continue from the last checkpoint of output_dir")
+    t.add_argument("--quiet", action="store_true", help="no progress bar or table")
+    t.add_argument("--result-json", help="also write the run in PEFT's method_comparison layout here")
+
+    e = sub.add_parser("eval", help="evaluate a saved adapter on a recipe's evaluation split")
+    e.add_argument("recipe")
+    e.add_argument("--adapter", required=True, help="adapter folder (from train)")
+    e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    c = sub.add_parser("compare", help="train several methods on one recipe and compare them")
+    c.add_argument("recipe")
+    c.add_argument("--methods", required=True, help="comma-separated method names, e.g. lora,dylora,nola")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    c.add_argument("--out", help="results folder (default: <output_dir>/comparison)")
+
+    x = sub.add_parser("export", help="export an adapter as a plain LoRA (PEFT's save_as_lora)")
+    x.add_argument("adapter", help="adapter folder")
+    x.add_argument("--to", choices=["lora"], default="lora")
+    x.add_argument("--out", required=True, help="folder for the LoRA adapter")
+    x.add_argument("--rank", type=float, help="LoRA rank (int) or explained-variance fraction (float < 1)")
+
+    h = sub.add_parser("push", help="upload an adapter folder, model card included, to the Hugging Face Hub")
+    h.add_argument("adapter", help="adapter folder")
+    h.add_argument("repo_id", help="user/name")
+    h.add_argument("--private", action="store_true")
+    h.add_argument("--token", help="Hub token (default: the logged-in one)")
+
+    sub.add_parser("methods", help="list the registered methods and their papers")
+    return p
+
+
+def main(argv=None) -> int:
+    """Entry point of the ``peft-ext`` command; returns the exit status."""
+    args = _parser().parse_args(argv)
+    from .recipe import RecipeError
+
+    try:
+        return {"train": cmd_train, "eval": cmd_eval, "compare": cmd_compare, "export": cmd_export,
+                "push": cmd_push, "methods": cmd_methods}[args.command](args)
+    except (RecipeError, FileNotFoundError) as exc:
+        print(f"peft-ext {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+def cmd_train(args) -> int:
+    """``peft-ext train``."""
+    from .recipe import load_recipe
+    from .runner import comparison_record, train
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    try:
+        metrics = train(recipe, resume=args.resume, quiet=args.quiet)
+    except ValueError as exc:
+        if args.result_json:
+            _write(args.result_json, comparison_record({"method": recipe.method.name, "name": recipe.name},
+                                                       status="failed", error_msg=str(exc)))
+        raise
+    if args.result_json:
+        _write(args.result_json, comparison_record(metrics))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    """``peft-ext eval``."""
+    from .recipe import load_recipe
+    from .runner import evaluate
+
+    evaluate(load_recipe(args.recipe, args.overrides), args.adapter)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    """``peft-ext compare``: each method trains in its own process (so peak memory is its own)."""
+    import yaml
+
+    from .recipe import RecipeError, load_recipe, method_names, to_dict
+    from .runner import derive_method_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in method_names()]
+    if unknown or not methods:
+        raise RecipeError(f"--methods must be a comma-separated subset of {method_names()}; got {args.methods!r}.")
+    out = Path(args.out or Path(recipe.output_dir) / "comparison")
+    out.mkdir(parents=True, exist_ok=True)
+    records = {}
+    for method in methods:
+        derived = derive_method_recipe(recipe, method)
+        Path(derived.output_dir).mkdir(parents=True, exist_ok=True)
+        recipe_path = Path(derived.output_dir) / "recipe.yaml"
+        recipe_path.write_text(yaml.safe_dump(to_dict(derived), sort_keys=False), encoding="utf-8")
+        result = out / f"{method}--{recipe.name}.json"
+        print(f"== {method} ==", flush=True)
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "peft_ext.cli", "train", str(recipe_path), "--quiet",
+                               "--result-json", str(result)])
+        print(f"   {method}: exit {proc.returncode} in {time.perf_counter() - t0:.1f}s", flush=True)
+        if result.is_file():
+            records[method] = json.loads(result.read_text())
+    table = comparison_table(records)
+    (out / "comparison.md").write_text(table + "\n", encoding="utf-8")
+    comparison_plot(records, out / "comparison.png")
+    print(table)
+    print(f"results: {out}")
+    return 0 if len(records) == len(methods) and all(
+        r["train_info"]["status"] == "success" for r in records.values()) else 1
+
+
+def comparison_table(records: dict) -> str:
+    """Markdown table of comparison records: accuracy, loss, trainable parameters, time, tokens/s, memory, size."""
+    lines = ["| method | test accuracy | test loss | trainable params | train time s | tokens/s | peak memory MiB | checkpoint KiB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for method, rec in records.items():
+        info = rec["train_info"]
+        m = info["metrics"][-1] if info.get("metrics") else {}
+        mem = info.get("cpu_memory_max", info.get("cuda_memory_max"))
+
+        def fmt(value, spec):
+            return format(value, spec) if isinstance(value, (int, float)) else "—"
+
+        lines.append(
+            f"| {method} | {fmt(m.get('test accuracy'), '.4f')} | {fmt(m.get('test loss'), '.4f')} | "
+            f"{fmt(info.get('num_trainable_params'), ',')} | {fmt(info.get('train_time'), '.1f')} | "
+            f"{fmt(m.get('tokens / sec'), '.0f')} | {fmt(mem / 2**20 if mem else None, '.0f')} | "
+            f"{fmt(info['file_size'] / 1024 if info.get('file_size') else None, '.1f')} |"
+        )
+    return "\n".join(lines)
+
+
+def comparison_plot(records: dict, path: Path):
+    """PNG: test accuracy (or loss) against trainable parameters and against training time."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    points = []
+    for method, rec in records.items():
+        info = rec["train_info"]
+        if info.get("status") != "success":
+            continue
+        m = info["metrics"][-1]
+        y = m.get("test accuracy") if m.get("test accuracy") is not None else m.get("test loss")
+        points.append((method, info["num_trainable_params"], info["train_time"], y))
+    if not points:
+        return None
+    ylabel = "test accuracy" if any(r["train_info"]["metrics"][-1].get("test accuracy") is not None
+                                    for r in records.values() if r["train_info"].get("metrics")) else "test loss"
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, idx, xlabel in ((axes[0], 1, "trainable parameters"), (axes[1], 2, "train time (s)")):
+        for method, *vals in points:
+            ax.scatter(vals[idx - 1], vals[2])
+            ax.annotate(method, (vals[idx - 1], vals[2]), textcoords="offset points", xytext=(4, 4))
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+    axes[0].set_xscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def cmd_export(args) -> int:
+    """``peft-ext export --to lora``: PEFT's ``save_as_lora`` on the loaded adapter."""
+    from peft import PeftConfig, PeftModel
+    from peft.tuners.lora.conversion import save_as_lora
+
+    adapter = Path(args.adapter)
+    if not (adapter / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter} has no adapter_config.json; pass the folder written by train.")
+    config = PeftConfig.from_pretrained(adapter)
+    model = PeftModel.from_pretrained(_base_model_for(config), adapter)
+    if not model.supports_lora_conversion():
+        print(f"peft-ext export: {config.peft_type} adapters cannot be expressed as a LoRA.", file=sys.stderr)
+        return 2
+    rank = args.rank if args.rank is not None else getattr(config, "r", 8)
+    rank = int(rank) if float(rank).is_integer() and rank >= 1 else float(rank)
+    save_as_lora(args.out, model, rank=rank)
+    print(f"plain LoRA (rank {rank}) written to {args.out}")
+    return 0
+
+
+def _base_model_for(config):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    path = config.base_model_name_or_path
+    if not path or not Path(path).exists():
+        raise FileNotFoundError(f"the adapter's base model {path!r} is not a local folder.")
+    task = str(getattr(config.task_type, "value", config.task_type) or "")
+    if task == "SEQ_CLS":
+        return AutoModelForSequenceClassification.from_pretrained(path)
+    if task == "CAUSAL_LM" or "CausalLM" in "".join(AutoConfig.from_pretrained(path).architectures or []):
+        return AutoModelForCausalLM.from_pretrained(path)
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(path)
+
+
+def cmd_push(args) -> int:
+    """``peft-ext push``: upload the adapter folder as written by ``save_pretrained`` (card kept)."""
+    from .hub import push_folder
+
+    push_folder(args.adapter, args.repo_id, token=args.token, private=args.private or None)
+    print(f"pushed {args.adapter} to {args.repo_id}")
+    return 0
+
+
+def cmd_methods(args) -> int:
+    """``peft-ext methods``: the registry as a table."""
+    from .registry import list_methods
+
+    print("| method | config | mergeable | 4/8-bit | paper |")
+    print("|---|---|---|---|---|")
+    print("| lora | peft.LoraConfig | yes | yes | https://arxiv.org/abs/2106.09685 |")
+    for spec in list_methods():
+        print(f"| {spec.name} | {spec.config_cls.__name__} | {'yes' if spec.mergeable else 'no'} | "
+              f"{'yes' if spec.quantizable else 'no'} | {spec.paper_url} |")
+    return 0
+
+
+def _write(path, payload) -> None:
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""Training recipes: one YAML file names the model, the data, the method and its config, the training arguments and
+the evaluation. ``load_recipe`` validates it strictly: an unknown or misspelt key, a wrong type or an unknown method
+gives one ``RecipeError`` naming the key and what is allowed.
+
+Example (``recipes/quickstart.yaml``)::
+
+    name: quickstart
+    output_dir: out/quickstart
+    model: {name: minilm, task: seq_cls, num_labels: 2}
+    data: {name: movie_reviews, max_train: 1600, max_length: 64}
+    method:
+      name: dylora
+      config: {r: 8, lora_alpha: 16, target_modules: [query, value]}
+    training: {num_train_epochs: 2, learning_rate: 0.002, per_device_train_batch_size: 16}
+    evaluation: {ranks: all, baseline: true, plot: true}
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+MODEL_NAMES = ("minilm", "smollm2", "tiny-llama", "tiny-bert")
+DATA_NAMES = ("movie_reviews", "gsm", "bfcl", "toy_sentiment")
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run: the message names the key, the value and what is allowed."""
+
+
+@dataclass
+class ModelSection:
+    """Which base model to adapt."""
+
+    name: str = field(
+        default="minilm",
+        metadata={"help": f"One of {MODEL_NAMES} (offline models and tiny random test models) or a local folder."},
+    )
+    task: Literal["seq_cls", "causal_lm"] = field(
+        default="seq_cls", metadata={"help": "seq_cls: sequence classification; causal_lm: next-token prediction."}
+    )
+    num_labels: int = field(default=2, metadata={"help": "Number of classes for seq_cls."})
+    quantization: Optional[Literal["4bit", "8bit"]] = field(
+        default=None, metadata={"help": "Load the base model in bitsandbytes 4-bit or 8-bit."}
+    )
+
+
+@dataclass
+class DataSection:
+    """Which offline data set to train and evaluate on."""
+
+    name: str = field(default="movie_reviews", metadata={"help": f"One of {DATA_NAMES}."})
+    max_train: Optional[int] = field(default=None, metadata={"help": "Use at most this many training examples."})
+    max_eval: Optional[int] = field(default=None, metadata={"help": "Use at most this many evaluation examples."})
+    max_length: int = field(default=64, metadata={"help": "Truncate inputs to this many tokens."})
+    seed: int = field(default=0, metadata={"help": "Seed of the train/test split."})
+
+
+@dataclass
+class MethodSection:
+    """Which method to train: 'lora' (plain PEFT LoRA) or a peft-ext method, and its config arguments."""
+
+    name: str = field(default="lora", metadata={"help": "'lora' or a registered peft-ext method name."})
+    config: dict = field(default_factory=dict, metadata={"help": "Keyword arguments of the method's config class."})
+
+
+@dataclass
+class EvaluationSection:
+    """What to evaluate after training."""
+
+    ranks: Optional[Union[str, list]] = field(
+        default=None, metadata={"help": "DyLoRA: 'all' or a list of ranks to evaluate the adapter at."}
+    )
+    baseline: bool = field(default=True, metadata={"help": "Also evaluate the model before training."})
+    plot: bool = field(default=True, metadata={"help": "Write a PNG plot of the results (needs matplotlib)."})
+
+
+@dataclass
+class Recipe:
+    """A whole training run. See the module docstring for an example."""
+
+    name: str = field(default="run", metadata={"help": "Name of the run, used in result files."})
+    output_dir: str = field(default="out/run", metadata={"help": "Folder for checkpoints, adapter, metrics, plot."})
+    seed: int = field(default=0, metadata={"help": "Seed of initialisation, data order and rank sampling."})
+    model: ModelSection = field(default_factory=ModelSection, metadata={"help": "The base model."})
+    data: DataSection = field(default_factory=DataSection, metadata={"help": "The data."})
+    method: MethodSection = field(default_factory=MethodSection, metadata={"help": "The method."})
+    training: dict = field(default_factory=dict, metadata={"help": "transformers.TrainingArguments keywords."})
+    evaluation: EvaluationSection = field(default_factory=EvaluationSection, metadata={"help": "The evaluation."})
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return {dict: "a mapping", list: "a list", str: "a string", int: "an integer", float: "a number", bool: "true/false"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _check_type(value, tp, key: str):
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _check_type(value, option, key)
+            except RecipeError:
+                continue
+        raise RecipeError(f"{key} must be {_type_name(tp)}; got {value!r}.")
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise RecipeError(f"{key} must be {_type_name(tp)}; got {value!r}.")
+    if tp is type(None):
+        if value is None:
+            return None
+    elif tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif tp in (str, bool, dict, list) and isinstance(value, tp):
+        return value
+    elif dataclasses.is_dataclass(tp) and isinstance(value, dict):
+        return _build(tp, value, key)
+    raise RecipeError(f"{key} must be {_type_name(tp)}; got {value!r}.")
+
+
+def unknown_key_error(key: str, name: str, allowed) -> RecipeError:
+    """A RecipeError for an unknown key, with the closest allowed names."""
+    close = difflib.get_close_matches(name, list(allowed), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    listed = sorted(allowed) if len(allowed) <= 30 else "the fields of transformers.TrainingArguments"
+    return RecipeError(f"Unknown key {key!r}.{hint} Allowed: {listed}.")
+
+
+def _build(cls, data: dict, prefix: str):
+    hints = typing.get_type_hints(cls)
+    allowed = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else str(name)
+        if name not in allowed:
+            raise unknown_key_error(key, str(name), allowed)
+        kwargs[name] = _check_type(value, hints[name], key)
+    return cls(**kwargs)
+
+
+def _set_dotted(data: dict, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"--set {dotted}: {part!r} is not a section.")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """``["training.learning_rate=1e-3", ...]`` → ``[("training.learning_rate", 0.001), ...]`` (values read as YAML)."""
+    parsed = []
+    for item in overrides or []:
+        if "=" not in item:
+            raise RecipeError(f"--set takes key=value (e.g. training.learning_rate=1e-3); got {item!r}.")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw)
+        if isinstance(value, str):  # YAML reads "1e-3" as a string
+            try:
+                value = float(value) if any(c in value for c in ".eE") else int(value)
+            except ValueError:
+                pass
+        parsed.append((key.strip(), value))
+    return parsed
+
+
+def recipe_from_dict(data: dict, overrides: Optional[list[str]] = None) -> Recipe:
+    """Validate a recipe mapping (after applying ``--set`` overrides) into a ``Recipe``."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"A recipe must be a mapping of sections; got {type(data).__name__}.")
+    data = copy.deepcopy(data)
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(data, key, value)
+    recipe = _build(Recipe, data, "")
+    _validate_semantics(recipe)
+    return recipe
+
+
+def load_recipe(path: Union[str, Path], overrides: Optional[list[str]] = None) -> Recipe:
+    """Read and validate a YAML recipe; ``overrides`` are ``key=value`` strings with dotted keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"Recipe file {str(path)!r} does not exist.")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
+    return recipe_from_dict(data or {}, overrides)
+
+
+def method_names() -> list[str]:
+    """The methods a recipe may name: 'lora' and every registered peft-ext method."""
+    from .registry import list_methods
+
+    return ["lora"] + [spec.name for spec in list_methods()]
+
+
+def _validate_semantics(recipe: Recipe) -> None:
+    from transformers import TrainingArguments
+
+    if recipe.method.name not in method_names():
+        raise RecipeError(f"method.name must be one of {method_names()}; got {recipe.method.name!r}.")
+    config_cls = method_config_class(recipe.method.name)
+    allowed = {f.name for f in dataclasses.fields(config_cls) if f.init}
+    for name in recipe.method.config:
+        if name not in allowed:
+            raise unknown_key_error(f"method.config.{name}", name, allowed)
+    if recipe.data.name not in DATA_NAMES:
+        raise RecipeError(f"data.name must be one of {list(DATA_NAMES)}; got {recipe.data.name!r}.")
+    if recipe.model.name not in MODEL_NAMES and not Path(recipe.model.name).is_dir():
+        raise RecipeError(f"model.name must be one of {list(MODEL_NAMES)} or a local folder; got {recipe.model.name!r}.")
+    training_fields = {f.name for f in dataclasses.fields(TrainingArguments) if f.init} - {"output_dir"}
+    for name in recipe.training:
+        if name not in training_fields:
+            raise unknown_key_error(f"training.{name}", name, training_fields)
+    ranks = recipe.evaluation.ranks
+    if isinstance(ranks, str) and ranks != "all":
+        raise RecipeError(f"evaluation.ranks must be 'all', a list of integers or null; got {ranks!r}.")
+    if isinstance(ranks, list) and not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in ranks):
+        raise RecipeError(f"evaluation.ranks must list integers >= 1; got {ranks!r}.")
+
+
+def method_config_class(name: str):
+    """The config class of a method name ('lora' → ``peft.LoraConfig``)."""
+    if name == "lora":
+        from peft import LoraConfig
+
+        return LoraConfig
+    from .registry import get_method
+
+    return get_method(name).config_cls
+
+
+def to_dict(recipe: Recipe) -> dict:
+    """The recipe as plain data (for result files)."""
+    return dataclasses.asdict(recipe)
