@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(PY) scripts/quickstart_dylora.py
+	$(VENV)/bin/peft-ext train recipes/quickstart.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -24,6 +24,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from ._io import atomic_savefig, atomic_write_json, atomic_write_text  # noqa: E402
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="peft-ext", description="LoRA-family methods from recent papers, on PEFT.")
@@ -87,11 +89,11 @@ def cmd_train(args) -> int:
         metrics = train(recipe, resume=args.resume, quiet=args.quiet)
     except ValueError as exc:
         if args.result_json:
-            _write(args.result_json, comparison_record({"method": recipe.method.name, "name": recipe.name},
+            atomic_write_json(args.result_json, comparison_record({"method": recipe.method.name, "name": recipe.name},
                                                        status="failed", error_msg=str(exc)))
         raise
     if args.result_json:
-        _write(args.result_json, comparison_record(metrics))
+        atomic_write_json(args.result_json, comparison_record(metrics))
     return 0
 
 
@@ -123,7 +125,7 @@ def cmd_compare(args) -> int:
         derived = derive_method_recipe(recipe, method)
         Path(derived.output_dir).mkdir(parents=True, exist_ok=True)
         recipe_path = Path(derived.output_dir) / "recipe.yaml"
-        recipe_path.write_text(yaml.safe_dump(to_dict(derived), sort_keys=False), encoding="utf-8")
+        atomic_write_text(recipe_path, yaml.safe_dump(to_dict(derived), sort_keys=False))
         result = out / f"{method}--{recipe.name}.json"
         print(f"== {method} ==", flush=True)
         t0 = time.perf_counter()
@@ -133,7 +135,7 @@ def cmd_compare(args) -> int:
         if result.is_file():
             records[method] = json.loads(result.read_text())
     table = comparison_table(records)
-    (out / "comparison.md").write_text(table + "\n", encoding="utf-8")
+    atomic_write_text(out / "comparison.md", table + "\n")
     comparison_plot(records, out / "comparison.png")
     print(table)
     print(f"results: {out}")
@@ -192,7 +194,7 @@ def comparison_plot(records: dict, path: Path):
         ax.set_ylabel(ylabel)
     axes[0].set_xscale("log")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -253,17 +255,6 @@ def cmd_methods(args) -> int:
         print(f"| {spec.name} | {spec.config_cls.__name__} | {'yes' if spec.mergeable else 'no'} | "
               f"{'yes' if spec.quantizable else 'no'} | {spec.paper_url} |")
     return 0
-
-
-def _write(path, payload) -> None:
-    import tempfile
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2, default=str)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

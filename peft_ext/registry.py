@@ -27,6 +27,8 @@ from peft import PeftModel
 from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
 from peft.utils import PeftType, register_peft_method
 
+from ._io import atomic_write_text
+
 
 @dataclass(frozen=True)
 class MethodSpec:
@@ -141,7 +143,7 @@ def model_card_section(specs: list[MethodSpec]) -> str:
     lines = ["## peft-ext", ""]
     for spec in specs:
         lines.append(f"This adapter was trained with **{spec.name}** from [peft-ext](https://pypi.org/project/peft-ext/).")
-        lines.append(f"Load it with `PeftModel.from_pretrained` after `pip install peft-ext`.")
+        lines.append("Load it with `PeftModel.from_pretrained` after `pip install peft-ext`.")
         lines.append("")
         lines.append(f"- Paper: *{spec.paper_title}* — {spec.paper_url}")
         lines.append(f"- Official code: {spec.code_url or 'none public'}")
@@ -172,7 +174,7 @@ def _patch_peft_model() -> None:
         if marker in text:
             text = text[: text.index(marker)].rstrip("\n") + "\n"
         text = text.rstrip("\n") + "\n\n" + model_card_section(specs)
-        _atomic_write_text(path, text)
+        atomic_write_text(path, text)
 
     @functools.wraps(orig_save)
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -219,18 +221,6 @@ def _patch_peft_model() -> None:
             ) from exc
 
     peft_model_module.load_peft_weights = load_peft_weights
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 _patch_peft_model()

@@ -20,6 +20,7 @@ from typing import Optional
 
 import numpy as np
 
+from ._io import atomic_savefig, atomic_write_json
 from .recipe import Recipe, method_config_class, to_dict
 
 TOY_POSITIVE = ["great", "wonderful", "superb", "moving", "delightful", "brilliant", "charming", "fun"]
@@ -303,9 +304,9 @@ def train(recipe: Recipe, resume: bool = False, quiet: bool = False, extra_callb
         "checkpoint_size": _folder_size(adapter_dir),
         "peak_memory_bytes": _peak_memory_bytes(),
         "recipe": to_dict(recipe),
-        "peft_config": _jsonable(model.peft_config["default"].to_dict()),
+        "peft_config": json.loads(json.dumps(model.peft_config["default"].to_dict(), default=_plain)),
     }
-    _write_json(out / "metrics.json", metrics)
+    atomic_write_json(out / "metrics.json", metrics)
     if recipe.evaluation.plot:
         plot_ranks(metrics, out / "results.png")
     if not quiet:
@@ -370,27 +371,13 @@ def plot_ranks(metrics: dict, path: Path) -> Optional[Path]:
     ax.set_title(metrics["name"])
     ax.legend()
     fig.tight_layout()
-    _atomic_savefig(fig, path)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
     return path
 
 
-def _atomic_savefig(fig, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, payload) -> None:
-    fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2, default=str)
-    os.replace(tmp, path)
-
-
-def _jsonable(value):
-    return json.loads(json.dumps(value, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
+def _plain(value):
+    return sorted(value) if isinstance(value, (set, frozenset)) else str(value)
 
 
 def _folder_size(path: Path) -> int:

@@ -103,7 +103,7 @@ def test_changing_rank_of_merged_adapter_is_an_error():
     assert model.get_rank() == 3
 
 
-@pytest.mark.parametrize("bad", [0, R + 1, -1, 2.5, True])
+@pytest.mark.parametrize("bad", [0, R + 1, -1, 2.5, True, None])
 def test_set_rank_outside_1_to_r_is_rejected(bad):
     model, _ = dylora_mlp()
     with pytest.raises(ValueError, match=r"rank must be an integer in 1\.\.r"):

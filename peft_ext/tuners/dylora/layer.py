@@ -65,7 +65,10 @@ class DyLoraLayer(ExtLayer):
     def set_rank(self, adapter: str, rank: int, training_only: bool = False) -> None:
         """Set the rank of ``adapter`` to ``rank`` in 1..r; ``training_only`` sets the sampled training rank."""
         r = self.r[adapter]
-        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= r):
+        if rank is None and training_only:  # clears the sampled training rank
+            self.train_rank[adapter] = None
+            return
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= r:
             raise bad_value("set_rank", "rank", rank, f"an integer in 1..r (1..{r})")
         if training_only:
             self.train_rank[adapter] = rank

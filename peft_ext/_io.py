@@ -1,0 +1,50 @@
+"""Atomic file writes: a file is either the old one or the complete new one, never half-written.
+
+Each writer creates a uniquely named file beside the target with the usual permissions (``0o666`` less the umask;
+``tempfile.mkstemp`` would make it owner-only), fills it, and moves it into place with ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Union
+
+PathLike = Union[str, os.PathLike]
+
+
+def atomic_write(path: PathLike, write: Callable[[Any], None], binary: bool = False) -> Path:
+    """Call ``write(f)`` on a temporary file beside ``path``, then rename it to ``path``; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "xb") if binary else open(tmp, "x", encoding="utf-8") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if tmp.exists():
+            tmp.unlink()
+        raise
+    return path
+
+
+def atomic_write_text(path: PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    return atomic_write(path, lambda f: f.write(text))
+
+
+def atomic_write_json(path: PathLike, payload: Any, indent: int = 2) -> Path:
+    """Write ``payload`` as JSON to ``path`` atomically (sets become sorted lists, other objects strings)."""
+
+    def default(value):
+        return sorted(value) if isinstance(value, (set, frozenset)) else str(value)
+
+    return atomic_write(path, lambda f: json.dump(payload, f, indent=indent, ensure_ascii=False, default=default))
+
+
+def atomic_savefig(fig, path: PathLike, **kwargs) -> Path:
+    """Save a matplotlib figure as PNG to ``path`` atomically."""
+    return atomic_write(path, lambda f: fig.savefig(f, format="png", **kwargs), binary=True)
