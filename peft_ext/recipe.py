@@ -81,6 +81,12 @@ class EvaluationSection:
     )
     baseline: bool = field(default=True, metadata={"help": "Also evaluate the model before training."})
     plot: bool = field(default=True, metadata={"help": "Write a PNG plot of the results (needs matplotlib)."})
+    generate: int = field(
+        default=0,
+        metadata={"help": "causal_lm on gsm/bfcl: greedy-generate answers for this many eval examples and score them "
+                  "with the data set's scorer (accuracy); 0 = eval loss only."},
+    )
+    max_new_tokens: int = field(default=128, metadata={"help": "Token budget of each generated answer."})
 
 
 @dataclass
@@ -233,6 +239,11 @@ def _validate_semantics(recipe: Recipe) -> None:
     for name in recipe.training:
         if name not in training_fields:
             raise unknown_key_error(f"training.{name}", name, training_fields)
+    if recipe.evaluation.generate < 0:
+        raise RecipeError(f"evaluation.generate must be an integer >= 0; got {recipe.evaluation.generate!r}.")
+    if recipe.evaluation.generate and (recipe.model.task != "causal_lm" or recipe.data.name not in ("gsm", "bfcl")):
+        raise RecipeError("evaluation.generate applies to model.task 'causal_lm' with data.name 'gsm' or 'bfcl'; "
+                          f"got {recipe.model.task!r} with {recipe.data.name!r}.")
     ranks = recipe.evaluation.ranks
     if isinstance(ranks, str) and ranks != "all":
         raise RecipeError(f"evaluation.ranks must be 'all', a list of integers or null; got {ranks!r}.")

@@ -91,8 +91,8 @@ def load_tokenizer_and_model(recipe: Recipe):
     return tokenizer, model
 
 
-def load_data(recipe: Recipe, tokenizer):
-    """Tokenized train and eval splits of the recipe's data set."""
+def load_raw_splits(recipe: Recipe):
+    """The recipe's train and eval splits as loaded (text columns), cut to ``max_train`` / ``max_eval``."""
     spec = recipe.data
     if spec.name == "movie_reviews":
         from .data import load_movie_reviews
@@ -113,6 +113,13 @@ def load_data(recipe: Recipe, tokenizer):
         train = train.select(range(min(spec.max_train, len(train))))
     if spec.max_eval is not None:
         test = test.select(range(min(spec.max_eval, len(test))))
+    return train, test
+
+
+def load_data(recipe: Recipe, tokenizer):
+    """Tokenized train and eval splits of the recipe's data set."""
+    spec = recipe.data
+    train, test = load_raw_splits(recipe)
     if recipe.model.task == "seq_cls":
         def encode(batch):
             out = tokenizer(batch["text"], truncation=True, max_length=spec.max_length)
@@ -223,8 +230,39 @@ def ranks_to_evaluate(recipe: Recipe, model) -> list:
     return ranks
 
 
-def evaluate_model(trainer, model, recipe: Recipe) -> list[dict]:
-    """One row per evaluated rank: ``{"rank", "eval_loss", "accuracy"?}``."""
+def generation_accuracy(model, tokenizer, recipe: Recipe, rows) -> float:
+    """Greedy-generate answers for the first ``evaluation.generate`` eval rows and score them with the data set's
+    own scorer (``score_gsm`` / ``score_bfcl``); returns the mean score."""
+    import torch
+
+    from .data.bfcl import score_bfcl
+    from .data.gsm import score_gsm
+
+    score = score_gsm if recipe.data.name == "gsm" else score_bfcl
+    rows = rows.select(range(min(recipe.evaluation.generate, len(rows))))
+    prompts = [prompt for prompt, _ in causal_lm_pairs(recipe.data.name, rows[:])]
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    scores = []
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(prompts), 8):
+            enc = tokenizer(prompts[start : start + 8], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = {k: v.to(model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+            with torch.no_grad():
+                out = model.generate(**enc, max_new_tokens=recipe.evaluation.max_new_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id)
+            texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            scores += [score(text, answer) for text, answer in zip(texts, rows["answer"][start : start + 8])]
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def evaluate_model(trainer, model, recipe: Recipe, tokenizer=None, raw_eval=None) -> list[dict]:
+    """One row per evaluated rank: ``{"rank", "eval_loss", "accuracy"?}`` (accuracy from the classifier, or from
+    scored generations when ``evaluation.generate`` is set)."""
     rows = []
     ranks = ranks_to_evaluate(recipe, model)
     keep = model.get_rank() if ranks != [None] else None
@@ -235,6 +273,8 @@ def evaluate_model(trainer, model, recipe: Recipe) -> list[dict]:
         row = {"rank": b, "eval_loss": metrics["eval_loss"]}
         if "eval_accuracy" in metrics:
             row["accuracy"] = metrics["eval_accuracy"]
+        if recipe.evaluation.generate:
+            row["accuracy"] = generation_accuracy(model, tokenizer, recipe, raw_eval)
         rows.append(row)
     if keep is not None:
         model.set_rank(keep)
@@ -274,14 +314,17 @@ def train(recipe: Recipe, resume: bool = False, quiet: bool = False, extra_callb
         compute_metrics=_accuracy if recipe.model.task == "seq_cls" else None,
         callbacks=_method_callbacks(recipe, model) + list(extra_callbacks or []),
     )
+    raw_eval = load_raw_splits(recipe)[1]
     baseline = None
     if recipe.evaluation.baseline:
         with model.disable_adapter():
             baseline = trainer.evaluate()
+            if recipe.evaluation.generate:
+                baseline["eval_accuracy"] = generation_accuracy(model, tokenizer, recipe, raw_eval)
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=checkpoint)
     train_time = time.perf_counter() - t0
-    rows = evaluate_model(trainer, model, recipe)
+    rows = evaluate_model(trainer, model, recipe, tokenizer, raw_eval)
     adapter_dir = out / "adapter"
     model.save_pretrained(adapter_dir)
     tokenizer.save_pretrained(adapter_dir)
@@ -327,7 +370,7 @@ def evaluate(recipe: Recipe, adapter_dir: str, quiet: bool = False) -> dict:
         args = _training_args(recipe, Path(scratch), quiet=True)
         trainer = Trainer(model=model, args=args, eval_dataset=eval_set, data_collator=_collator(recipe, tokenizer),
                           compute_metrics=_accuracy if recipe.model.task == "seq_cls" else None)
-        rows = evaluate_model(trainer, model, recipe)
+        rows = evaluate_model(trainer, model, recipe, tokenizer, load_raw_splits(recipe)[1])
     metrics = {"name": recipe.name, "method": recipe.method.name, "adapter": str(adapter_dir), "baseline": None,
                "results": rows}
     if not quiet:

@@ -170,3 +170,24 @@ def test_push_uploads_the_folder_with_its_card(tmp_path):
         assert cli.main(["push", str(tmp_path / "adapter"), "me/tiny-dylora"]) == 0
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(uploaded)
     assert "arxiv.org/abs/2210.07558" in uploaded["README.md"]
+
+
+def test_causal_lm_recipe_on_gsm_scores_generations(tmp_path):
+    pytest.importorskip("reasoning_gym")
+    recipe = load_recipe(ROOT / "recipes" / "tiny_gsm.yaml", [f"output_dir={tmp_path}", "evaluation.plot=false"])
+    from peft_ext.runner import load_data, load_tokenizer_and_model
+
+    tokenizer, _ = load_tokenizer_and_model(recipe)
+    train_set, _ = load_data(recipe, tokenizer)
+    row = train_set[0]
+    masked = sum(1 for label in row["labels"] if label == -100)
+    assert 0 < masked < len(row["labels"]), "the loss must cover the worked solution only, not the question"
+    metrics = train(recipe, quiet=True)
+    assert metrics["peft_config"]["peft_type"] == "NOLA" and metrics["train_steps"] == 4
+    for row in [metrics["baseline"], *metrics["results"]]:
+        assert 0.0 <= row["accuracy"] <= 1.0 and row["eval_loss"] > 0
+
+
+def test_generate_needs_a_causal_lm_on_gsm_or_bfcl(tmp_path):
+    with pytest.raises(RecipeError, match="evaluation.generate applies to model.task 'causal_lm'"):
+        tiny_recipe(tmp_path, "evaluation.generate=4")
