@@ -30,8 +30,7 @@ def push_to_hub(
     Works for every method of peft-ext (each card cites its paper: see ``peft_ext.list_methods()``) and for plain PEFT
     adapters. ``save_kwargs`` go to ``save_pretrained`` (e.g. ``selected_adapters``). Returns the commit info.
     """
-    if not isinstance(repo_id, str) or repo_id.count("/") > 1 or not repo_id.strip("/"):
-        raise ValueError(f"push_to_hub: repo_id must look like 'user/name' or 'name'; got {repo_id!r}.")
+    _check_repo_id(repo_id)
     if not hasattr(model, "save_pretrained") or not hasattr(model, "peft_config"):
         raise TypeError(f"push_to_hub: model must be a PeftModel; got {type(model).__name__}.")
     with tempfile.TemporaryDirectory(prefix="peft-ext-push-") as folder:
@@ -55,8 +54,7 @@ def push_folder(
     Used by ``push_to_hub`` and the ``peft-ext push`` command; works for every peft-ext method (see
     ``peft_ext.list_methods()`` for the papers).
     """
-    if not isinstance(repo_id, str) or repo_id.count("/") > 1 or not repo_id.strip("/"):
-        raise ValueError(f"push: repo_id must look like 'user/name' or 'name'; got {repo_id!r}.")
+    _check_repo_id(repo_id)
     if not (Path(folder) / "adapter_config.json").is_file():
         raise FileNotFoundError(f"push: {folder} has no adapter_config.json; pass a folder written by save_pretrained.")
     api = api or HfApi(token=token)
@@ -64,3 +62,8 @@ def push_folder(
     return api.upload_folder(
         repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, revision=revision, repo_type="model"
     )
+
+
+def _check_repo_id(repo_id) -> None:
+    if not isinstance(repo_id, str) or repo_id.count("/") > 1 or not repo_id.strip("/"):
+        raise ValueError(f"push: repo_id must look like 'user/name' or 'name'; got {repo_id!r}.")

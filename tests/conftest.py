@@ -12,7 +12,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-import peft_ext  # noqa: E402
+import peft_ext  # noqa: E402,F401  (registers every method)
 from peft_ext import list_methods  # noqa: E402
 
 METHODS = list_methods()

