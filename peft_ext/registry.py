@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from peft import PeftModel
-from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING
 from peft.utils import PeftType, register_peft_method
 
 from ._io import atomic_write_text
@@ -108,8 +108,14 @@ def register(spec: MethodSpec) -> MethodSpec:
     for other_type, other_prefix in PEFT_TYPE_TO_PREFIX_MAPPING.items():
         if other_type != peft_type and other_prefix == spec.prefix:
             raise ValueError(f"Prefix {spec.prefix!r} of {spec.name!r} is already used by PEFT method {other_type}.")
-    if PEFT_TYPE_TO_PREFIX_MAPPING.get(peft_type) is None:
+    existing = PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type)
+    if existing is None:
         register_peft_method(name=spec.name, config_cls=spec.config_cls, model_cls=spec.model_cls, prefix=spec.prefix)
+    elif existing is not spec.config_cls:  # e.g. a later PEFT release ships a method of the same name
+        raise ValueError(
+            f"PEFT already has a method {peft_type.value!r} ({existing.__module__}.{existing.__name__}); "
+            f"peft-ext cannot register its own {spec.config_cls.__name__} under that name."
+        )
     _SPECS[spec.name] = spec
     return spec
 

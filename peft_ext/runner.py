@@ -208,6 +208,7 @@ def _training_args(recipe: Recipe, output_dir: Path, quiet: bool):
         seed=recipe.seed,
         data_seed=recipe.seed,
         dataloader_num_workers=0,
+        include_num_input_tokens_seen="non_padding",  # for tokens / s
         disable_tqdm=quiet,
     )
     return TrainingArguments(output_dir=str(output_dir / "checkpoints"), **{**defaults, **recipe.training})
@@ -329,7 +330,9 @@ def train(recipe: Recipe, resume: bool = False, quiet: bool = False, extra_callb
     model.save_pretrained(adapter_dir)
     tokenizer.save_pretrained(adapter_dir)
     trainable, total = model.get_nb_trainable_parameters()
-    tokens = sum(len(ids) for ids in train_set["input_ids"]) * float(args.num_train_epochs if args.max_steps <= 0 else 1)
+    tokens = trainer.state.num_input_tokens_seen  # non-padding tokens since the start of the run
+    if checkpoint:  # a resumed run: count only what this process trained, over this process's time
+        tokens -= json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("num_input_tokens_seen", 0)
     metrics = {
         "name": recipe.name,
         "method": recipe.method.name,

@@ -53,6 +53,19 @@ def test_duplicate_prefix_is_refused(monkeypatch):
     assert "clash" not in {s.name for s in peft_ext.list_methods()}
 
 
+def test_a_name_peft_already_uses_is_refused():
+    from peft import VeraConfig
+    from peft.tuners.vera import VeraModel
+
+    class VeraLike(VeraModel):
+        prefix = "vera_"
+
+    spec = registry.MethodSpec("vera", peft_ext.DyLoraConfig, VeraLike, "t", "https://x", "")
+    with pytest.raises(ValueError, match="PEFT already has a method 'VERA'"):
+        registry.register(spec)
+    assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.VERA] is VeraConfig
+
+
 def test_inconsistent_model_prefix_is_refused():
     from peft_ext.tuners.dylora import DyLoraConfig, DyLoraModel
 
