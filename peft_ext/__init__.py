@@ -11,7 +11,7 @@ from .registry import MethodSpec, get_method, list_methods  # noqa: E402  (regis
 from .tuners.dylora import DyLoraConfig, DyLoraModel  # noqa: E402
 from .tuners.nola import NolaConfig, NolaModel  # noqa: E402
 from .hub import push_to_hub  # noqa: E402
-from . import callbacks  # noqa: E402
+from . import callbacks, optim  # noqa: E402
 
 __all__ = [
     "DyLoraConfig",
@@ -22,5 +22,6 @@ __all__ = [
     "callbacks",
     "get_method",
     "list_methods",
+    "optim",
     "push_to_hub",
 ]

@@ -53,6 +53,11 @@ class MethodSpec:
     identity_at_init: bool = field(default=True, metadata={"help": "A fresh adapter leaves the base output unchanged."})
     routed: bool = field(default=False, metadata={"help": "Needs per-call routing inputs (route ids, gates)."})
     summary: str = field(default="", metadata={"help": "One line for the README's method table."})
+    ba_shape: bool = field(
+        default=False,
+        metadata={"help": "ΔW = s·B·A with trainable A and B: layers expose lora_factors(adapter) -> (A, B, s), "
+                  "so B·A optimizers (LoRA-Pro) apply."},
+    )
     train_callback: Optional[Callable] = field(
         default=None,
         metadata={"help": "TrainerCallback class the method trains with (built as cls(model=..., seed=...)), if any."},
@@ -249,6 +254,7 @@ def _builtin_specs() -> list[MethodSpec]:
             example_kwargs={"r": 8, "lora_alpha": 16},
             summary="One LoRA usable at every rank 1..r (nested-rank training, `set_rank(b)`).",
             train_callback=DyLoraRankSampler,
+            ba_shape=True,
         ),
         MethodSpec(
             name="nola",

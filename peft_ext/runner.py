@@ -327,8 +327,11 @@ def train(recipe: Recipe, resume: bool = False, quiet: bool = False, extra_callb
     train_time = time.perf_counter() - t0
     rows = evaluate_model(trainer, model, recipe, tokenizer, raw_eval)
     adapter_dir = out / "adapter"
-    model.save_pretrained(adapter_dir)
-    tokenizer.save_pretrained(adapter_dir)
+    main_process = trainer.is_world_process_zero()  # several processes (torchrun / accelerate): one writes
+    if main_process:
+        model.save_pretrained(adapter_dir)
+        tokenizer.save_pretrained(adapter_dir)
+    trainer.accelerator.wait_for_everyone()
     trainable, total = model.get_nb_trainable_parameters()
     tokens = trainer.state.num_input_tokens_seen  # non-padding tokens since the start of the run
     if checkpoint:  # a resumed run: count only what this process trained, over this process's time
@@ -352,6 +355,8 @@ def train(recipe: Recipe, resume: bool = False, quiet: bool = False, extra_callb
         "recipe": to_dict(recipe),
         "peft_config": json.loads(json.dumps(model.peft_config["default"].to_dict(), default=_plain)),
     }
+    if not main_process:
+        return metrics
     atomic_write_json(out / "metrics.json", metrics)
     if recipe.evaluation.plot:
         plot_ranks(metrics, out / "results.png")

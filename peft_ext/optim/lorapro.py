@@ -148,19 +148,32 @@ class _Pair:
 
     @property
     def scaling(self) -> float:
+        if hasattr(self.module, "lora_factors"):  # a peft-ext tuner layer declaring ΔW = s·B·A
+            return float(self.module.lora_factors(self.adapter)[2])
         return float(self.module.scaling[self.adapter])
 
 
 def find_lora_pairs(model: nn.Module) -> list[_Pair]:
-    """Every trainable (lora_A.weight, lora_B.weight) pair of a PEFT LoRA model, paired by module and adapter.
+    """Every trainable (lora_A.weight, lora_B.weight) pair of a PEFT LoRA model, paired by module and adapter, and
+    the (A, B) pair of every peft-ext tuner layer whose ``MethodSpec`` declares ``ba_shape`` (via ``lora_factors``).
 
     Only plain linear LoRA is paired (2-D weights, no DoRA); other LoRA variants fall back to AdamW with a warning.
     Adapters whose weights do not require grad (inactive adapters) are skipped.
     """
     from peft.tuners.lora import LoraLayer
 
+    from ..registry import list_methods
+
+    ba_layers = tuple(spec.model_cls.tuner_layer_cls for spec in list_methods() if spec.ba_shape)
     pairs: list[_Pair] = []
     for name, module in model.named_modules():
+        if isinstance(module, ba_layers):
+            for adapter in module.active_adapters:
+                if adapter in module.r:
+                    A, B, _ = module.lora_factors(adapter)
+                    if A.requires_grad and B.requires_grad:
+                        pairs.append(_Pair(module, adapter, A, B))
+            continue
         if not isinstance(module, LoraLayer):
             continue
         active = module.active_adapters

@@ -96,6 +96,20 @@ class DyLoraLayer(ExtLayer):
         # (α/r)·√(r/b)·√(r/b) = α/b
         return F.linear(F.linear(self.dylora_dropout[adapter](x), A_b), B_b) * (self.lora_alpha[adapter] / b)
 
+    def lora_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(A, B, s) with ΔW = s·B·A at the full rank r, for B·A optimizers such as LoRA-Pro.
+
+        Only defined at rank r: under a sampled rank b < r the update is (α/b)·B[:, :b]·A[:b], which LoRA-Pro's
+        equivalent gradient does not model, so this raises instead of silently mixing the two.
+        """
+        b = self.current_rank(adapter)
+        if b != self.r[adapter]:
+            raise ValueError(
+                f"lora_factors: adapter {adapter!r} computes at rank {b}, not its full rank {self.r[adapter]}; "
+                "B·A optimizers (LoRA-Pro) need the full rank, so do not combine them with DyLoraRankSampler."
+            )
+        return self.dylora_down[adapter].weight, self.dylora_up[adapter].weight, self.lora_alpha[adapter] / b
+
     def get_delta_weight(self, adapter: str, rank: Optional[int] = None) -> torch.Tensor:
         """``ΔW = (α/b)·B[:, :b]·A[:b]`` at ``rank`` (default: the set evaluation rank)."""
         b = self.rank[adapter] if rank is None else rank
