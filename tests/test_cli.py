@@ -191,3 +191,18 @@ def test_causal_lm_recipe_on_gsm_scores_generations(tmp_path):
 def test_generate_needs_a_causal_lm_on_gsm_or_bfcl(tmp_path):
     with pytest.raises(RecipeError, match="evaluation.generate applies to model.task 'causal_lm'"):
         tiny_recipe(tmp_path, "evaluation.generate=4")
+
+
+def test_eval_reproduces_the_trained_metrics(tmp_path, capsys):
+    recipe = tiny_recipe(tmp_path, "evaluation.baseline=false", "evaluation.plot=false")
+    metrics = train(recipe, quiet=True)
+    from peft_ext.runner import evaluate
+
+    again = evaluate(recipe, str(tmp_path / "adapter"), quiet=True)
+    assert [r["rank"] for r in again["results"]] == [1, 2, 3, 4]
+    for before, after in zip(metrics["results"], again["results"]):
+        assert after["accuracy"] == before["accuracy"]
+        assert abs(after["eval_loss"] - before["eval_loss"]) <= 1e-6 * max(1.0, before["eval_loss"])
+    assert cli.main(["eval", str(TINY), "--adapter", str(tmp_path / "adapter"), "--set", f"output_dir={tmp_path}"]) == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if " | " in line]
+    assert [line.split("|")[0].strip() for line in table] == ["rank", "1", "2", "3", "4"]  # no baseline row
