@@ -1,0 +1,150 @@
+"""One rank of a data-parallel training run, launched by ``tests/test_multiprocess.py`` through ``torchrun``:
+
+    torchrun --nproc_per_node 2 tests/ddp_worker.py --method dylora --out DIR
+
+A tiny random LlamaForCausalLM (seeded, the same on every rank) gets a peft-ext adapter (DyLoRA with its
+``DyLoraRankSampler``, or NOLA) and trains with ``transformers.Trainer`` on CPU over gloo, with ``LisaCallback`` in
+adapter mode on top. Each rank writes under ``DIR``:
+
+* ``init{RANK}.pt`` / ``rank{RANK}.pt``: ``{name: tensor}`` of the adapter parameters before / after training;
+* ``grads{RANK}.pt``: the gradients of step 0 as the optimizer sees them (after DDP's all-reduce);
+* ``rank{RANK}.json``: world size, the wrapper class, and per step: the DyLoRA rank, LISA's active blocks and the
+  local batch (token ids), plus LISA's switch history.
+
+Not collected by pytest (the name does not start with ``test_``); ``build_model`` is also used by the test to
+recompute step 0 in a single process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+VOCAB, SEQ_LEN, BATCH, STEPS, LAYERS = 128, 16, 4, 6, 4
+MODEL_SEED, DATA_SEED, SCHEDULE_SEED = 0, 1, 3
+TARGETS = ["q_proj", "v_proj"]
+
+
+def build_model(method: str):
+    """The tiny Llama (hidden 64, 4 blocks) with the method's adapter; identical in every process."""
+    from peft import get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from peft_ext import DyLoraConfig, NolaConfig
+
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(MODEL_SEED)
+    base = LlamaForCausalLM(config)
+    if method == "dylora":
+        peft_config = DyLoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS)
+    elif method == "nola":
+        peft_config = NolaConfig(r=4, lora_alpha=8, num_basis_A=16, num_basis_B=16, target_modules=TARGETS)
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    torch.manual_seed(MODEL_SEED + 1)
+    return get_peft_model(base, peft_config)
+
+
+class TokenData(torch.utils.data.Dataset):
+    """Random fixed-length token rows (no padding, so every batch holds the same number of loss tokens)."""
+
+    def __init__(self, n: int):
+        gen = torch.Generator().manual_seed(DATA_SEED)
+        self.ids = torch.randint(0, VOCAB, (n, SEQ_LEN), generator=gen)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def main(argv=None) -> None:
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from peft_ext.callbacks import DyLoraRankSampler
+    from peft_ext.callbacks.lisa import LisaCallback
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--method", choices=["dylora", "nola"], required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    rank = int(os.environ.get("RANK", 0))
+    torch.set_num_threads(1)
+
+    model = build_model(args.method)
+    adapter_names = [n for n, p in model.named_parameters() if p.requires_grad]
+    torch.save({n: p.detach().clone() for n, p in model.named_parameters() if n in adapter_names},
+               out / f"init{rank}.pt")
+
+    sampler = DyLoraRankSampler(seed=SCHEDULE_SEED) if args.method == "dylora" else None
+    lisa = LisaCallback(n_layers=1, interval_steps=2, seed=SCHEDULE_SEED, adapter_mode=True)
+    steps: list[dict] = []
+
+    class Record(TrainerCallback):
+        """Per step: the DyLoRA rank and LISA blocks in force; at step 0, the gradients after all-reduce."""
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            steps.append({"step": state.global_step, "rank": sampler.last_rank if sampler else None,
+                          "lisa": list(lisa.active_layers)})
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 0:
+                torch.save({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None},
+                           out / f"grads{rank}.pt")
+
+    class RecordingTrainer(Trainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            steps[-1]["batch"] = inputs["input_ids"].tolist()
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    training_args = TrainingArguments(
+        output_dir=str(out / "trainer"),
+        ddp_backend="gloo",
+        use_cpu=True,
+        max_steps=STEPS,
+        per_device_train_batch_size=BATCH,
+        learning_rate=0.05,
+        max_grad_norm=0.0,  # no clipping: the step-0 gradients are the plain all-reduced mean
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        seed=SCHEDULE_SEED,
+        data_seed=DATA_SEED,
+        save_strategy="no",
+        eval_strategy="no",
+        logging_steps=1,
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    callbacks = ([sampler] if sampler else []) + [lisa, Record()]
+    trainer = RecordingTrainer(model=model, args=training_args, train_dataset=TokenData(2 * STEPS * BATCH * 2),
+                               callbacks=callbacks)
+    result = trainer.train()
+
+    final = {n: p.detach().clone() for n, p in model.named_parameters() if n in adapter_names}
+    torch.save(final, out / f"rank{rank}.pt")
+    record = {
+        "rank": rank,
+        "world_size": training_args.world_size,
+        "wrapper": type(trainer.model_wrapped).__name__,
+        "global_step": result.global_step,
+        "steps": steps,
+        "lisa_history": [[step, layers] for step, layers in lisa.history],
+        "losses": [row["loss"] for row in trainer.state.log_history if "loss" in row],
+    }
+    (out / f"rank{rank}.json").write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main()
