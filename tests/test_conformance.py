@@ -279,3 +279,35 @@ def test_bitsandbytes_base_layers(spec, bits, tiny_llama_dir, llama_inputs):
         target = before[id(layer)]
         err = (layer.get_base_weight() - target).abs()  # two roundings: merge, then unmerge
         assert (err <= 2 * quantization_bound(target + deltas[id(layer)], layer, bits) + 1e-6).all()
+
+
+@pytest.mark.parametrize("spec", method_params())
+def test_trl_dpo_copies_the_adapter_into_a_frozen_reference(spec, tmp_path):
+    """TRL's DPOTrainer, given a pre-wrapped PeftModel and no ref_model, adds a "ref" adapter and copies every
+    ``.default.`` parameter into it; the reference must start equal to the adapter and stay fixed while it trains."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from transformers import AutoTokenizer, LlamaForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    from conftest import tiny_llama_config
+    from peft_ext.data import minilm_path
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    tokenizer.eos_token = tokenizer.sep_token
+    config = tiny_llama_config()
+    config.vocab_size, config.pad_token_id = tokenizer.vocab_size, tokenizer.pad_token_id
+    torch.manual_seed(0)
+    model = get_peft_model(LlamaForCausalLM(config), make_config(spec, ["q_proj", "v_proj"]))
+    randomize_adapter(model)
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if ".default." in n}
+    data = Dataset.from_dict({"prompt": ["the movie was"] * 8, "chosen": [" great"] * 8, "rejected": [" awful"] * 8})
+    args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-2,
+                     report_to=[], use_cpu=True, save_strategy="no", max_length=16, disable_tqdm=True)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    ref = {n.replace(".ref.", ".default."): p for n, p in model.named_parameters() if ".ref." in n}
+    assert set(ref) == set(start) and all(torch.equal(ref[n], start[n]) for n in start)
+    trainer.train()
+    trained = dict(model.named_parameters())
+    assert any(not torch.equal(trained[n], start[n]) for n in start), "the adapter did not train"
+    assert all(torch.equal(ref[n], start[n]) and not ref[n].requires_grad for n in start), "the reference moved"
