@@ -36,13 +36,16 @@ def atomic_write_text(path: PathLike, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text))
 
 
-def atomic_write_json(path: PathLike, payload: Any, indent: int = 2) -> Path:
-    """Write ``payload`` as JSON to ``path`` atomically (sets become sorted lists, other objects strings)."""
+def atomic_write_json(path: PathLike, payload: Any, indent: int = 2, **dump_kwargs) -> Path:
+    """Write ``payload`` as JSON to ``path`` atomically (sets become sorted lists, other objects strings);
+    ``dump_kwargs`` go to ``json.dump`` (e.g. ``allow_nan=False``)."""
 
     def default(value):
         return sorted(value) if isinstance(value, (set, frozenset)) else str(value)
 
-    return atomic_write(path, lambda f: json.dump(payload, f, indent=indent, ensure_ascii=False, default=default))
+    return atomic_write(
+        path, lambda f: json.dump(payload, f, indent=indent, ensure_ascii=False, default=default, **dump_kwargs)
+    )
 
 
 def atomic_savefig(fig, path: PathLike, **kwargs) -> Path:

@@ -117,7 +117,7 @@ def load_raw_splits(recipe: Recipe):
 
 
 def load_data(recipe: Recipe, tokenizer):
-    """Tokenized train and eval splits of the recipe's data set."""
+    """Tokenized train and eval splits of the recipe's data set, and the eval split as loaded (for generation)."""
     spec = recipe.data
     train, test = load_raw_splits(recipe)
     if recipe.model.task == "seq_cls":
@@ -137,7 +137,11 @@ def load_data(recipe: Recipe, tokenizer):
                 out["labels"].append(([-100] * len(p) + a)[: spec.max_length])  # loss on the answer only
             return out
     columns = train.column_names
-    return train.map(encode, batched=True, remove_columns=columns), test.map(encode, batched=True, remove_columns=columns)
+    return (
+        train.map(encode, batched=True, remove_columns=columns),
+        test.map(encode, batched=True, remove_columns=columns),
+        test,
+    )
 
 
 def causal_lm_pairs(data_name: str, batch: dict) -> list[tuple[str, str]]:
@@ -298,7 +302,7 @@ def train(recipe: Recipe, resume: bool = False, quiet: bool = False, extra_callb
     transformers.set_seed(recipe.seed)
     start = time.perf_counter()
     tokenizer, base = load_tokenizer_and_model(recipe)
-    train_set, eval_set = load_data(recipe, tokenizer)
+    train_set, eval_set, raw_eval = load_data(recipe, tokenizer)
     model = get_peft_model(base, build_peft_config(recipe))
     args = _training_args(recipe, out, quiet)
     checkpoint = None
@@ -315,7 +319,6 @@ def train(recipe: Recipe, resume: bool = False, quiet: bool = False, extra_callb
         compute_metrics=_accuracy if recipe.model.task == "seq_cls" else None,
         callbacks=_method_callbacks(recipe, model) + list(extra_callbacks or []),
     )
-    raw_eval = load_raw_splits(recipe)[1]
     baseline = None
     if recipe.evaluation.baseline:
         with model.disable_adapter():
@@ -372,13 +375,13 @@ def evaluate(recipe: Recipe, adapter_dir: str, quiet: bool = False) -> dict:
     from transformers import Trainer
 
     tokenizer, base = load_tokenizer_and_model(recipe)
-    _, eval_set = load_data(recipe, tokenizer)
+    _, eval_set, raw_eval = load_data(recipe, tokenizer)
     model = PeftModel.from_pretrained(base, adapter_dir)
     with tempfile.TemporaryDirectory() as scratch:
         args = _training_args(recipe, Path(scratch), quiet=True)
         trainer = Trainer(model=model, args=args, eval_dataset=eval_set, data_collator=_collator(recipe, tokenizer),
                           compute_metrics=_accuracy if recipe.model.task == "seq_cls" else None)
-        rows = evaluate_model(trainer, model, recipe, tokenizer, load_raw_splits(recipe)[1])
+        rows = evaluate_model(trainer, model, recipe, tokenizer, raw_eval)
     metrics = {"name": recipe.name, "method": recipe.method.name, "adapter": str(adapter_dir), "baseline": None,
                "results": rows}
     if not quiet:
@@ -503,8 +506,6 @@ def comparison_record(metrics: dict, status: str = "success", error_msg: str = "
 def derive_method_recipe(recipe: Recipe, method: str) -> Recipe:
     """The recipe with ``method`` swapped in: keeps the config keys the new method accepts (target modules, rank,
     alpha, ...) and fills the rest from the method's example settings; evaluation ranks only for DyLoRA."""
-    from .recipe import method_config_class
-
     cls = method_config_class(method)
     accepted = {f.name for f in dataclasses.fields(cls) if f.init}
     config = {}
@@ -516,7 +517,6 @@ def derive_method_recipe(recipe: Recipe, method: str) -> Recipe:
     ranks = recipe.evaluation.ranks if method == "dylora" else None
     return dataclasses.replace(
         recipe,
-        name=recipe.name,
         output_dir=str(Path(recipe.output_dir) / method),
         method=dataclasses.replace(recipe.method, name=method, config=config),
         evaluation=dataclasses.replace(recipe.evaluation, ranks=ranks, plot=False),

@@ -51,12 +51,10 @@ import contextlib
 import copy
 import dataclasses
 import gc
-import json
 import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -72,6 +70,7 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import peft_ext  # noqa: E402
+from peft_ext._io import atomic_write_json  # noqa: E402
 from peft_ext.callbacks import DyLoraRankSampler  # noqa: E402
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -475,22 +474,8 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def write_json(path: str, payload: dict) -> None:
-    """Write ``payload`` to ``path`` atomically (temporary file in the same folder, then ``os.replace``)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".bench_overhead-", suffix=".json", dir=folder)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; give the result the usual permissions
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``payload`` to ``path`` atomically (``peft_ext._io``); NaN is refused, so the JSON stays standard."""
+    atomic_write_json(path, payload, allow_nan=False)
 
 
 def _load_average() -> Optional[list[float]]:

@@ -178,7 +178,7 @@ def test_causal_lm_recipe_on_gsm_scores_generations(tmp_path):
     from peft_ext.runner import load_data, load_tokenizer_and_model
 
     tokenizer, _ = load_tokenizer_and_model(recipe)
-    train_set, _ = load_data(recipe, tokenizer)
+    train_set, _, _ = load_data(recipe, tokenizer)
     row = train_set[0]
     masked = sum(1 for label in row["labels"] if label == -100)
     assert 0 < masked < len(row["labels"]), "the loss must cover the worked solution only, not the question"
