@@ -6,8 +6,11 @@ knows (upstream's own check looks up the prefix among the mapping's *keys*, whic
 then calls PEFT's own ``register_peft_method``. Each method is described by one ``MethodSpec``: the conformance suite,
 the README table and ``scripts/bench_overhead.py`` all iterate ``list_methods()``.
 
-Two PEFT behaviours are extended here, for peft-ext adapters only:
+Three PEFT behaviours are extended here, for peft-ext adapters only:
 
+* ``PeftModel.__init__`` adds the tuner's per-call inputs (``ExtModel.call_args``, e.g. ``route_ids``) to
+  ``special_peft_forward_args``, so ``model(input_ids, route_ids=...)`` hands them to the tuner and not to the base
+  model, exactly as PEFT does with ``adapter_names=``.
 * ``PeftModel.save_pretrained`` writes into a temporary folder beside the target and moves the finished files into
   place, so a save that fails midway leaves the previous adapter files intact.
 * ``PeftModel.create_or_update_model_card`` adds a section that names the method, cites its paper and links the
@@ -20,58 +23,14 @@ import functools
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
 from peft import PeftModel
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING
 from peft.utils import PeftType, register_peft_method
 
 from ._io import atomic_write_text
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """Everything peft-ext declares about one method. One spec per paper; tests, docs and benchmarks iterate them.
-
-    Paper and official code are named in each field; see ``peft_ext.list_methods()``.
-    """
-
-    name: str = field(metadata={"help": "Lower-case method name; the PeftType member is its upper-case form."})
-    config_cls: type = field(metadata={"help": "The PeftConfig subclass."})
-    model_cls: type = field(metadata={"help": "The BaseTuner subclass."})
-    paper_title: str = field(metadata={"help": "Title of the paper the method comes from."})
-    paper_url: str = field(metadata={"help": "Link to the paper (arXiv abstract page)."})
-    code_url: str = field(metadata={"help": "Link to the official code, or '' when none is public."})
-    example_kwargs: dict = field(
-        default_factory=dict,
-        metadata={"help": "Small config arguments used by the conformance suite, the benchmark and the docs."},
-    )
-    mergeable: bool = field(default=True, metadata={"help": "merge_and_unload / merge_adapter are exact."})
-    quantizable: bool = field(default=True, metadata={"help": "Works on bitsandbytes 4-bit and 8-bit base layers."})
-    lora_convertible: bool = field(default=True, metadata={"help": "save_as_lora / convert_to_lora apply."})
-    identity_at_init: bool = field(default=True, metadata={"help": "A fresh adapter leaves the base output unchanged."})
-    routed: bool = field(default=False, metadata={"help": "Needs per-call routing inputs (route ids, gates)."})
-    summary: str = field(default="", metadata={"help": "One line for the README's method table."})
-    ba_shape: bool = field(
-        default=False,
-        metadata={"help": "ΔW = s·B·A with trainable A and B: layers expose lora_factors(adapter) -> (A, B, s), "
-                  "so B·A optimizers (LoRA-Pro) apply."},
-    )
-    train_callback: Optional[Callable] = field(
-        default=None,
-        metadata={"help": "TrainerCallback class the method trains with (built as cls(model=..., seed=...)), if any."},
-    )
-
-    @property
-    def prefix(self) -> str:
-        """The parameter-name prefix, always ``<name>_`` (transformers rebuilds it from the peft type)."""
-        return f"{self.name}_"
-
-    @property
-    def peft_type(self) -> PeftType:
-        """The ``PeftType`` member of this method."""
-        return PeftType[self.name.upper()]
+from .spec import MethodSpec
 
 
 _SPECS: dict[str, MethodSpec] = {}
@@ -171,6 +130,14 @@ def _patch_peft_model() -> None:
         return
     orig_card = PeftModel.create_or_update_model_card
     orig_save = PeftModel.save_pretrained
+    orig_init = PeftModel.__init__
+
+    @functools.wraps(orig_init)
+    def __init__(self, model, peft_config, *args, **kwargs):
+        orig_init(self, model, peft_config, *args, **kwargs)
+        spec = _SPECS.get(str(getattr(peft_config.peft_type, "value", peft_config.peft_type)).lower())
+        if spec is not None:  # per-call routing inputs are popped by the tuner, never passed to the base model
+            self.special_peft_forward_args = set(self.special_peft_forward_args) | set(spec.model_cls.call_args)
 
     @functools.wraps(orig_card)
     def create_or_update_model_card(self, output_dir: str):
@@ -211,6 +178,7 @@ def _patch_peft_model() -> None:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
+    PeftModel.__init__ = __init__
     PeftModel.create_or_update_model_card = create_or_update_model_card
     PeftModel.save_pretrained = save_pretrained
     PeftModel._peft_ext_patched = True
@@ -237,36 +205,33 @@ def _patch_peft_model() -> None:
 _patch_peft_model()
 
 
-def _builtin_specs() -> list[MethodSpec]:
-    from .callbacks.dylora import DyLoraRankSampler
-    from .tuners.dylora import DyLoraConfig, DyLoraModel
-    from .tuners.nola import NolaConfig, NolaModel
+# Every built-in method, in the order of the README table; each folder's __init__ defines SPEC.
+BUILTIN_METHODS = (
+    "dylora",
+    "nola",
+    "lora_sb",
+    "block_lora",
+    "switchlora",
+    "codyra",
+    "o3_lora",
+    "mola",
+    "smora",
+    "lora_mixer",
+    "gated_lora",
+    "prompt_aware_lora",
+)
 
-    return [
-        MethodSpec(
-            name="dylora",
-            config_cls=DyLoraConfig,
-            model_cls=DyLoraModel,
-            paper_title="DyLoRA: Parameter Efficient Tuning of Pre-trained Models using Dynamic Search-Free "
-            "Low-Rank Adaptation",
-            paper_url="https://arxiv.org/abs/2210.07558",
-            code_url="https://github.com/huawei-noah/Efficient-NLP",
-            example_kwargs={"r": 8, "lora_alpha": 16},
-            summary="One LoRA usable at every rank 1..r (nested-rank training, `set_rank(b)`).",
-            train_callback=DyLoraRankSampler,
-            ba_shape=True,
-        ),
-        MethodSpec(
-            name="nola",
-            config_cls=NolaConfig,
-            model_cls=NolaModel,
-            paper_title="NOLA: Networks as Linear Combination of Low Rank Random Basis",
-            paper_url="https://arxiv.org/abs/2310.02556",
-            code_url="https://github.com/UCDvision/NOLA",
-            example_kwargs={"r": 8, "lora_alpha": 8, "num_basis_A": 64, "num_basis_B": 64, "cache_bases": True},
-            summary="A and B are linear combinations of seeded random bases; only the coefficients train.",
-        ),
-    ]
+
+def _builtin_specs() -> list[MethodSpec]:
+    import importlib
+    from pathlib import Path
+
+    specs = []
+    for name in BUILTIN_METHODS:
+        if not (Path(__file__).parent / "tuners" / name / "__init__.py").is_file():  # TEMP while building
+            continue
+        specs.append(importlib.import_module(f"peft_ext.tuners.{name}").SPEC)
+    return specs
 
 
 for _spec in _builtin_specs():

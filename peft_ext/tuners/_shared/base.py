@@ -8,6 +8,7 @@ weights (``update_layer``), the adapter branch (``adapter_forward``) and ``get_d
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Union
 
@@ -125,8 +126,13 @@ class ExtLayer(BaseTunerLayer):
     ``get_base_weight`` / ``set_base_weight`` so bitsandbytes 4-bit and 8-bit bases work.
     """
 
+    mergeable: ClassVar[bool] = True
+    merge_refusal: ClassVar[str] = ""  # why merging is impossible, for layers with mergeable = False
+
     def _init_base(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
+        self.call_inputs: dict = {}  # per-call inputs (route ids, gates) of the current forward, set by ExtModel
+        self.aux_losses: list = []  # weighted auxiliary-loss terms recorded by the current forward
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
@@ -143,6 +149,12 @@ class ExtLayer(BaseTunerLayer):
             )
         self.in_features, self.out_features = in_features, out_features
 
+    def record_aux_loss(self, value: torch.Tensor) -> None:
+        """Record one (already weighted) auxiliary-loss term of this forward; ``ExtModel`` adds the sum of all
+        terms to ``outputs.loss`` when labels are given. Terms are only kept while autograd records."""
+        if torch.is_grad_enabled():
+            self.aux_losses.append(value)
+
     def _has_adapter(self, adapter: str) -> bool:
         return adapter in getattr(self, self.adapter_layer_names[0])
 
@@ -157,6 +169,8 @@ class ExtLayer(BaseTunerLayer):
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Add ``get_delta_weight`` of each adapter to the base weight (dequantising and requantising if needed)."""
+        if not self.mergeable:
+            raise ValueError(f"{type(self).__name__} cannot be merged: {self.merge_refusal}")
         adapter_names = check_adapters_to_merge(self, adapter_names)
         if not adapter_names:
             return
@@ -202,7 +216,7 @@ class ExtLayer(BaseTunerLayer):
         return result.to(previous_dtype)
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
-        return True
+        return self.mergeable
 
 
 class ExtModel(BaseTuner):
@@ -215,6 +229,50 @@ class ExtModel(BaseTuner):
 
     layer_cls: ClassVar[type]
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    call_args: ClassVar[tuple[str, ...]] = ()  # per-call keyword arguments, e.g. ("route_ids",)
+    has_aux_loss: ClassVar[bool] = False  # layers call record_aux_loss during forward
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        """Hand this call's routing inputs to every tuner layer and add auxiliary losses to ``outputs.loss``.
+
+        PEFT's ``PeftModel`` enters this context around each forward / generate (the way it handles
+        ``adapter_names=``); the registry adds ``call_args`` to ``PeftModel.special_peft_forward_args`` so the
+        names never reach the base model. Inputs stay on the layers until the next call, so gradient checkpointing
+        recomputes with the same ones.
+        """
+        if not self.call_args and not self.has_aux_loss:
+            yield
+            return
+        inputs = {name: kwargs.get(name) for name in self.call_args}
+        for layer in self.tuner_layers():
+            layer.call_inputs = inputs
+            layer.aux_losses = []
+        handle = self.model.register_forward_hook(self._add_aux_loss, with_kwargs=True) if self.has_aux_loss else None
+        try:
+            yield
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    def aux_loss(self) -> Optional[torch.Tensor]:
+        """Sum of the auxiliary-loss terms the last forward recorded (already weighted), or None when there are none."""
+        terms = [t for layer in self.tuner_layers() for t in layer.aux_losses]
+        if not terms:
+            return None
+        return torch.stack([t.float() for t in terms]).sum()
+
+    def _add_aux_loss(self, module, args, kwargs, output):
+        if kwargs.get("labels") is None:
+            return output
+        loss = output.get("loss") if isinstance(output, dict) else (output[0] if isinstance(output, tuple) else None)
+        aux = self.aux_loss() if loss is not None else None
+        if aux is None:
+            return output
+        if isinstance(output, tuple):
+            return (loss + aux.to(loss.dtype),) + output[1:]
+        output["loss"] = loss + aux.to(loss.dtype)
+        return output
 
     def _layer_kwargs(self, config: PeftConfig, adapter_name: str, current_key: str) -> dict:
         return {}

@@ -1,0 +1,67 @@
+"""``MethodSpec``: everything peft-ext declares about one method (paper, code, capabilities).
+
+Each method folder (``peft_ext/tuners/<name>/__init__.py``) defines ``SPEC = MethodSpec(...)``; ``peft_ext.registry``
+registers them. Tests, the README table, the CLI and the benchmarks iterate the registered specs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from peft.utils import PeftType
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """Everything peft-ext declares about one method. One spec per paper; tests, docs and benchmarks iterate them.
+
+    Paper and official code are named in each field; see ``peft_ext.list_methods()``.
+    """
+
+    name: str = field(metadata={"help": "Lower-case method name; the PeftType member is its upper-case form."})
+    config_cls: type = field(metadata={"help": "The PeftConfig subclass."})
+    model_cls: type = field(metadata={"help": "The BaseTuner subclass."})
+    paper_title: str = field(metadata={"help": "Title of the paper the method comes from."})
+    paper_url: str = field(metadata={"help": "Link to the paper (arXiv abstract page)."})
+    code_url: str = field(metadata={"help": "Link to the official code, or '' when none is public."})
+    example_kwargs: dict = field(
+        default_factory=dict,
+        metadata={"help": "Small config arguments used by the conformance suite, the benchmark and the docs."},
+    )
+    mergeable: bool = field(default=True, metadata={"help": "merge_and_unload / merge_adapter are exact."})
+    quantizable: bool = field(default=True, metadata={"help": "Works on bitsandbytes 4-bit and 8-bit base layers."})
+    lora_convertible: bool = field(default=True, metadata={"help": "save_as_lora / convert_to_lora apply."})
+    identity_at_init: bool = field(default=True, metadata={"help": "A fresh adapter leaves the base output unchanged."})
+    routed: bool = field(default=False, metadata={"help": "Needs per-call routing inputs (route ids, gates)."})
+    summary: str = field(default="", metadata={"help": "One line for the README's method table."})
+    ba_shape: bool = field(
+        default=False,
+        metadata={"help": "ΔW = s·B·A with trainable A and B: layers expose lora_factors(adapter) -> (A, B, s), "
+                  "so B·A optimizers (LoRA-Pro) apply."},
+    )
+    train_callback: Optional[Callable] = field(
+        default=None,
+        metadata={"help": "TrainerCallback class the method trains with (built as cls(model=..., seed=...)), if any."},
+    )
+
+    overhead_target: Optional[float] = field(
+        default=None,
+        metadata={"help": "Training-step time target against PEFT LoRA at equal rank (scripts/bench_overhead.py "
+                  "reports it; never asserted)."},
+    )
+    bench_variants: tuple = field(
+        default=(),
+        metadata={"help": "Extra (label, config overrides) pairs that scripts/bench_overhead.py times besides "
+                  "example_kwargs, e.g. (('paper mode', {'cache_bases': False}),)."},
+    )
+
+    @property
+    def prefix(self) -> str:
+        """The parameter-name prefix, always ``<name>_`` (transformers rebuilds it from the peft type)."""
+        return f"{self.name}_"
+
+    @property
+    def peft_type(self) -> PeftType:
+        """The ``PeftType`` member of this method."""
+        return PeftType[self.name.upper()]
