@@ -52,8 +52,9 @@ class MethodSpec:
     )
     bench_variants: tuple = field(
         default=(),
-        metadata={"help": "Extra (label, config overrides) pairs that scripts/bench_overhead.py times besides "
-                  "example_kwargs, e.g. (('paper mode', {'cache_bases': False}),)."},
+        metadata={"help": "Extra (label, config overrides[, step-time target]) rows that scripts/bench_overhead.py "
+                  "times besides example_kwargs, e.g. (('paper mode', {'cache_bases': False}, None),); without a "
+                  "third entry the row gets overhead_target."},
     )
 
     @property

@@ -12,9 +12,13 @@ PEFT ``LoraConfig`` baseline with the same ``r`` and ``lora_alpha`` (one baselin
   hits all variants of a repetition alike. Reported: the median over repetitions of the mean step time, and the
   ratio to the LoRA baseline of the same rank and alpha as the median of the per-repetition ratios (the ratio of
   the medians is in the JSON too).
-  Extra variants: a method whose config has ``cache_bases`` (NOLA) runs with ``cache_bases=True`` and with
-  ``cache_bases=False`` (the paper's mode, which regenerates the random bases in every forward and backward);
-  DyLoRA calls ``peft_ext.callbacks.DyLoraRankSampler(model, seed=0).step()`` before every step, as it trains.
+  Extra variants: every ``(label, overrides[, target])`` of ``spec.bench_variants`` runs too (e.g. NOLA with
+  ``cache_bases=False``, the paper's mode, which regenerates the random bases in every forward and backward; MoLA
+  with 8 experts top-2). A method with a ``spec.train_callback`` (DyLoRA rank sampling, SwitchLoRA switching,
+  CoDyRA thresholding, SMoRA bias updates) trains with it: the callback receives the Trainer's events
+  (``on_train_begin``, ``on_step_begin``, ``on_pre_optimizer_step``, ``on_optimizer_step``, ``on_step_end``) with
+  ``model=`` and ``optimizer=`` in the order ``transformers.Trainer`` sends them, so switch and threshold steps are
+  inside the timed steps.
 * **Peak memory of one training step**, measured per variant in isolation (see ``measure_memory``): on CPU from the
   allocation events of ``torch.profiler`` (``profile_memory=True``), on CUDA from ``torch.cuda`` memory statistics.
   It is the variant's own footprint: model copy, adapter, optimizer state, method caches, plus the step's peak of
@@ -24,9 +28,10 @@ PEFT ``LoraConfig`` baseline with the same ``r`` and ``lora_alpha`` (one baselin
   the base model (frozen, eval mode), interleaved and summarised the same way (``--infer-iters`` forwards per
   repetition). A merged model is a plain ``LlamaForCausalLM``, so the ratio should be ~1.0.
 
-Targets from the issue (reported, never asserted; the exit status is 0 whatever the numbers):
-DyLoRA step time <= 1.10x LoRA, NOLA with ``cache_bases=True`` <= 1.30x LoRA, merged inference <= 1.02x base
-(applied to every mergeable peft-ext variant). Each row carries ``meets_target``: true when every target that
+Targets from the issues (reported, never asserted; the exit status is 0 whatever the numbers): the step-time
+target of each method is ``spec.overhead_target`` (e.g. DyLoRA <= 1.10x LoRA, NOLA with ``cache_bases=True``
+<= 1.30x, MoLA 8 experts top-2 <= 1.35x), merged inference <= 1.02x base (applied to every mergeable peft-ext
+variant). Each row carries ``meets_target``: true when every target that
 applies to the row is met, ``null`` when none applies (the LoRA baselines).
 
 Rerun (from the repository root)::
@@ -50,6 +55,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import functools
 import gc
 import os
 import platform
@@ -71,13 +77,10 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import peft_ext  # noqa: E402
 from peft_ext._io import atomic_write_json  # noqa: E402
-from peft_ext.callbacks import DyLoraRankSampler  # noqa: E402
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MIB = 2**20
 
-# Targets from the issue. Keys of STEP_TIME_TARGETS are variant keys (see build_variants).
-STEP_TIME_TARGETS = {"dylora": 1.10, "nola[cache_bases=True]": 1.30}
 MERGED_INFERENCE_TARGET = 1.02
 
 FULL_SIZES = dict(
@@ -100,15 +103,15 @@ class Variant:
     make_config: Callable[[], Any]
     mergeable: bool
     baseline_key: Optional[str] = None  # the LoRA variant it is compared with; None for LoRA itself
-    rank_sampler: bool = False  # DyLoRA: DyLoraRankSampler.step() before every optimizer step
+    callback: Optional[Callable] = None  # the method's spec.train_callback, driven with Trainer events
     step_time_target: Optional[float] = None
     config_kwargs: dict = field(default_factory=dict)
 
 
 class Trainee:
-    """A variant's PEFT model, optimizer and (for DyLoRA) rank sampler, ready to take optimizer steps."""
+    """A variant's PEFT model, optimizer and (if its method has one) training callback, ready to take steps."""
 
-    def __init__(self, variant: Variant, base_model: nn.Module, lr: float, seed: int):
+    def __init__(self, variant: Variant, base_model: nn.Module, lr: float, seed: int, max_steps: int = 1000):
         """Deep-copy ``base_model``, wrap it with the variant's config and set up AdamW over the trainable params."""
         torch.manual_seed(seed)  # adapter initialisation does not depend on the order variants are built in
         self.variant = variant
@@ -116,17 +119,33 @@ class Trainee:
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=lr)
-        self.sampler = DyLoraRankSampler(self.model, seed=0) if variant.rank_sampler else None
+        self.callback = variant.callback(model=self.model, seed=0) if variant.callback else None
+        if self.callback is not None:
+            from transformers import TrainerControl, TrainerState
+
+            self.state, self.control = TrainerState(max_steps=max_steps, global_step=0), TrainerControl()
+            self._event("on_train_begin")
         self.last_loss = float("nan")
 
+    def _event(self, name: str) -> None:
+        getattr(self.callback, name)(_trainer_args(), self.state, self.control, model=self.model,
+                                     optimizer=self.optimizer)
+
     def step(self, batch: dict) -> None:
-        """One optimizer step on ``batch``: (rank sampling,) forward + loss, backward, AdamW step, zero_grad."""
-        if self.sampler is not None:
-            self.sampler.step()
+        """One optimizer step on ``batch`` with the callback events ``transformers.Trainer`` sends around it."""
+        if self.callback is not None:
+            self._event("on_step_begin")
         loss = self.model(**batch).loss
         loss.backward()
+        if self.callback is not None:
+            self._event("on_pre_optimizer_step")
         self.optimizer.step()
+        if self.callback is not None:
+            self._event("on_optimizer_step")
         self.optimizer.zero_grad(set_to_none=True)
+        if self.callback is not None:
+            self.state.global_step += 1
+            self._event("on_step_end")
         self.last_loss = loss.detach()
 
     def trainable_params(self) -> int:
@@ -216,6 +235,16 @@ def make_batch(args: argparse.Namespace) -> dict:
     return {"input_ids": ids, "labels": ids, "use_cache": False}
 
 
+@functools.lru_cache(maxsize=1)
+def _trainer_args():
+    """One ``TrainingArguments`` for the callbacks' events (built once: it is slow to construct)."""
+    import tempfile
+
+    from transformers import TrainingArguments
+
+    return TrainingArguments(output_dir=tempfile.mkdtemp(prefix="bench-overhead-"), report_to=[], use_cpu=True)
+
+
 def _config_fields(config_cls: type) -> set[str]:
     """Names of the dataclass fields of a config class."""
     return {f.name for f in dataclasses.fields(config_cls)}
@@ -227,36 +256,34 @@ def build_variants(args: argparse.Namespace) -> tuple[list[Variant], list[dict]]
     ext: list[Variant] = []
     skipped = []
     for spec in peft_ext.list_methods():
-        if spec.routed:
-            skipped.append({"method": spec.name, "reason": "routed method: needs per-call routing inputs"})
-            continue
-        kwargs = dict(spec.example_kwargs)
         fields = _config_fields(spec.config_cls)
-        if args.rank is not None and "r" in fields:
-            kwargs["r"] = args.rank
-        r = kwargs.get("r", args.rank or 8)
-        alpha = kwargs.get("lora_alpha", r)
-        dropout = kwargs.get("lora_dropout", 0.0)
-        base_key = f"lora[r={r},alpha={alpha:g}]"
-        if base_key not in lora:
-            lora_kwargs = dict(r=r, lora_alpha=alpha, lora_dropout=dropout)
-            lora[base_key] = Variant(
-                key=base_key, method="lora", label=f"PEFT LoraConfig r={r} α={alpha:g}",
-                make_config=lambda kw=lora_kwargs: LoraConfig(**kw, target_modules=list(TARGET_MODULES)),
-                mergeable=True, config_kwargs=lora_kwargs,
-            )
-        options = [({}, "example_kwargs", spec.name)]
-        if "cache_bases" in fields:
-            options = [({"cache_bases": c}, f"cache_bases={c}" + ("" if c else " (regenerate)"),
-                        f"{spec.name}[cache_bases={c}]") for c in (True, False)]
-        for extra, label, key in options:
-            cfg_kwargs = {**kwargs, **extra}
-            sampler = spec.name == "dylora"
+        rows = [("example_kwargs", {}, spec.overhead_target)]
+        for entry in spec.bench_variants:
+            label, extra = entry[0], entry[1]
+            rows.append((label, extra, entry[2] if len(entry) > 2 else spec.overhead_target))
+        for label, extra, target in rows:
+            kwargs = {**spec.example_kwargs, **extra}
+            if args.rank is not None and "r" in fields:
+                kwargs["r"] = args.rank
+            r = kwargs.get("r") if isinstance(kwargs.get("r"), int) else (args.rank or 8)
+            alpha = kwargs.get("lora_alpha", r) if isinstance(kwargs.get("lora_alpha", r), (int, float)) else r
+            dropout = kwargs.get("lora_dropout", 0.0)
+            base_key = f"lora[r={r},alpha={alpha:g}]"
+            if base_key not in lora:
+                lora_kwargs = dict(r=r, lora_alpha=alpha, lora_dropout=dropout)
+                lora[base_key] = Variant(
+                    key=base_key, method="lora", label=f"PEFT LoraConfig r={r} α={alpha:g}",
+                    make_config=lambda kw=lora_kwargs: LoraConfig(**kw, target_modules=list(TARGET_MODULES)),
+                    mergeable=True, config_kwargs=lora_kwargs,
+                )
+            key = spec.name if not extra else f"{spec.name}[{label}]"
+            if spec.train_callback is not None:
+                label = f"{label}, with {spec.train_callback.__name__}"
             ext.append(Variant(
-                key=key, method=spec.name, label="rank-sampled (DyLoraRankSampler)" if sampler else label,
-                make_config=lambda cls=spec.config_cls, kw=cfg_kwargs: cls(**kw, target_modules=list(TARGET_MODULES)),
-                mergeable=spec.mergeable, baseline_key=base_key, rank_sampler=sampler,
-                step_time_target=STEP_TIME_TARGETS.get(key), config_kwargs=cfg_kwargs,
+                key=key, method=spec.name, label=label,
+                make_config=lambda cls=spec.config_cls, kw=kwargs: cls(**kw, target_modules=list(TARGET_MODULES)),
+                mergeable=spec.mergeable, baseline_key=base_key, callback=spec.train_callback,
+                step_time_target=target, config_kwargs=kwargs,
             ))
     return list(lora.values()) + ext, skipped
 
@@ -623,8 +650,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                   "params": sum(p.numel() for p in base_model.parameters())},
         "environment": environment(args),
         "targets": {
-            "dylora_step_time_ratio_vs_lora_max": STEP_TIME_TARGETS["dylora"],
-            "nola_cached_step_time_ratio_vs_lora_max": STEP_TIME_TARGETS["nola[cache_bases=True]"],
+            "step_time_ratio_vs_lora_max": {v.key: v.step_time_target for v in variants if v.step_time_target},
             "merged_inference_ratio_vs_base_max": MERGED_INFERENCE_TARGET,
         },
         "base_inference_ms_median": base_infer,

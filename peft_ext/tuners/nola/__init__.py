@@ -16,7 +16,7 @@ SPEC = MethodSpec(
     example_kwargs={"r": 8, "lora_alpha": 8, "num_basis_A": 64, "num_basis_B": 64, "cache_bases": True},
     summary="A and B are linear combinations of seeded random bases; only the coefficients train.",
     overhead_target=1.30,
-    bench_variants=(("cache_bases=False (paper)", {"cache_bases": False}),),
+    bench_variants=(("cache_bases=False (paper)", {"cache_bases": False}, None),),
 )
 
 __all__ = ["SPEC", "NolaConfig", "NolaLayer", "NolaLinear", "NolaModel", "a0_matrix", "all_bases", "basis_chunk", "layer_seed"]
