@@ -10,18 +10,52 @@ __version__ = "0.1.0"
 from .registry import MethodSpec, get_method, list_methods  # noqa: E402  (registers every method)
 from .tuners.dylora import DyLoraConfig, DyLoraModel  # noqa: E402
 from .tuners.nola import NolaConfig, NolaModel  # noqa: E402
+from .tuners.lora_sb import LoraSBConfig, LoraSBModel  # noqa: E402
+from .tuners.block_lora import BlockLoraConfig, BlockLoraModel  # noqa: E402
+from .tuners.switchlora import SwitchLoraConfig, SwitchLoraModel  # noqa: E402
+from .tuners.codyra import CodyraConfig, CodyraModel  # noqa: E402
+from .tuners.o3_lora import O3LoraConfig, O3LoraModel  # noqa: E402
+from .tuners.lora_mixer import LoraMixerConfig, LoraMixerModel  # noqa: E402
+from .tuners.mola import MolaConfig, MolaModel  # noqa: E402
+from .tuners.smora import SmoraConfig, SmoraModel  # noqa: E402
+from .tuners.gated_lora import GatedLoraConfig, GatedLoraModel  # noqa: E402
+from .tuners.prompt_aware_lora import PromptAwareLoraConfig, PromptAwareLoraModel  # noqa: E402
 from .hub import push_to_hub  # noqa: E402
-from . import callbacks, optim  # noqa: E402
+from .presets import load_config  # noqa: E402
+from . import callbacks, init, optim, presets  # noqa: E402
 
 __all__ = [
+    "BlockLoraConfig",
+    "BlockLoraModel",
+    "CodyraConfig",
+    "CodyraModel",
     "DyLoraConfig",
     "DyLoraModel",
+    "GatedLoraConfig",
+    "GatedLoraModel",
+    "LoraMixerConfig",
+    "LoraMixerModel",
+    "LoraSBConfig",
+    "LoraSBModel",
     "MethodSpec",
+    "MolaConfig",
+    "MolaModel",
     "NolaConfig",
     "NolaModel",
+    "O3LoraConfig",
+    "O3LoraModel",
+    "PromptAwareLoraConfig",
+    "PromptAwareLoraModel",
+    "SmoraConfig",
+    "SmoraModel",
+    "SwitchLoraConfig",
+    "SwitchLoraModel",
     "callbacks",
     "get_method",
+    "init",
     "list_methods",
+    "load_config",
     "optim",
+    "presets",
     "push_to_hub",
 ]

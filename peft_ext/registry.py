@@ -6,7 +6,8 @@ knows (upstream's own check looks up the prefix among the mapping's *keys*, whic
 then calls PEFT's own ``register_peft_method``. Each method is described by one ``MethodSpec``: the conformance suite,
 the README table and ``scripts/bench_overhead.py`` all iterate ``list_methods()``.
 
-Three PEFT behaviours are extended here, for peft-ext adapters only:
+Three PEFT behaviours are extended here, for peft-ext adapters only (and RandLoRA gets the official paper scaling as
+an opt-in, see ``_patch_randlora``):
 
 * ``PeftModel.__init__`` adds the tuner's per-call inputs (``ExtModel.call_args``, e.g. ``route_ids``) to
   ``special_peft_forward_args``, so ``model(input_ids, route_ids=...)`` hands them to the tuner and not to the base
@@ -205,6 +206,31 @@ def _patch_peft_model() -> None:
 _patch_peft_model()
 
 
+def _patch_randlora() -> None:
+    """RandLoRA's official per-layer scale α/(r·√n) (``peft_ext.presets.randlora_preset``): the saved config keeps
+    its ``paper_scaling`` marker on load, and the scale is applied after every injection (``get_peft_model``,
+    ``add_adapter``, ``load_adapter``, ``from_pretrained``). ``paper_scaling=False`` is upstream's behaviour."""
+    from peft.tuners.randlora import RandLoraModel
+
+    from .presets.randlora import RandLoraPaperConfig, post_injection_paper_scaling
+
+    if getattr(RandLoraModel, "_peft_ext_patched", False):
+        return
+    PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.RANDLORA] = RandLoraPaperConfig
+    orig_inject = RandLoraModel.inject_adapter
+
+    @functools.wraps(orig_inject)
+    def inject_adapter(self, model, adapter_name, *args, **kwargs):
+        orig_inject(self, model, adapter_name, *args, **kwargs)
+        post_injection_paper_scaling(self, adapter_name)
+
+    RandLoraModel.inject_adapter = inject_adapter
+    RandLoraModel._peft_ext_patched = True
+
+
+_patch_randlora()
+
+
 # Every built-in method, in the order of the README table; each folder's __init__ defines SPEC.
 BUILTIN_METHODS = (
     "dylora",
@@ -224,14 +250,8 @@ BUILTIN_METHODS = (
 
 def _builtin_specs() -> list[MethodSpec]:
     import importlib
-    from pathlib import Path
 
-    specs = []
-    for name in BUILTIN_METHODS:
-        if not (Path(__file__).parent / "tuners" / name / "__init__.py").is_file():  # TEMP while building
-            continue
-        specs.append(importlib.import_module(f"peft_ext.tuners.{name}").SPEC)
-    return specs
+    return [importlib.import_module(f"peft_ext.tuners.{name}").SPEC for name in BUILTIN_METHODS]
 
 
 for _spec in _builtin_specs():

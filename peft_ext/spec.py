@@ -33,7 +33,7 @@ class MethodSpec:
     quantizable: bool = field(default=True, metadata={"help": "Works on bitsandbytes 4-bit and 8-bit base layers."})
     lora_convertible: bool = field(default=True, metadata={"help": "save_as_lora / convert_to_lora apply."})
     identity_at_init: bool = field(default=True, metadata={"help": "A fresh adapter leaves the base output unchanged."})
-    routed: bool = field(default=False, metadata={"help": "Needs per-call routing inputs (route ids, gates)."})
+    routed: bool = field(default=False, metadata={"help": "Routes tokens (a learned router or per-call inputs such as route ids); not one static ΔW."})
     summary: str = field(default="", metadata={"help": "One line for the README's method table."})
     ba_shape: bool = field(
         default=False,

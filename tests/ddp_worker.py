@@ -3,7 +3,8 @@
     torchrun --nproc_per_node 2 tests/ddp_worker.py --method dylora --out DIR
 
 A tiny random LlamaForCausalLM (seeded, the same on every rank) gets a peft-ext adapter (DyLoRA with its
-``DyLoraRankSampler``, or NOLA) and trains with ``transformers.Trainer`` on CPU over gloo, with ``LisaCallback`` in
+``DyLoraRankSampler``, NOLA, or MoLA with its load-balancing auxiliary loss, which the tuner adds to
+``outputs.loss``) and trains with ``transformers.Trainer`` on CPU over gloo, with ``LisaCallback`` in
 adapter mode on top. Each rank writes under ``DIR``:
 
 * ``init{RANK}.pt`` / ``rank{RANK}.pt``: ``{name: tensor}`` of the adapter parameters before / after training;
@@ -32,12 +33,15 @@ MODEL_SEED, DATA_SEED, SCHEDULE_SEED = 0, 1, 3
 TARGETS = ["q_proj", "v_proj"]
 
 
-def build_model(method: str):
-    """The tiny Llama (hidden 64, 4 blocks) with the method's adapter; identical in every process."""
+def build_model(method: str, balance_loss_weight: float = 0.05):
+    """The tiny Llama (hidden 64, 4 blocks) with the method's adapter; identical in every process.
+
+    MoLA: 4 experts of rank 4, top-2, with the load-balancing loss at ``balance_loss_weight`` (a large weight so the
+    auxiliary term visibly changes the gradients)."""
     from peft import get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from peft_ext import DyLoraConfig, NolaConfig
+    from peft_ext import DyLoraConfig, MolaConfig, NolaConfig
 
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
@@ -47,6 +51,9 @@ def build_model(method: str):
         peft_config = DyLoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS)
     elif method == "nola":
         peft_config = NolaConfig(r=4, lora_alpha=8, num_basis_A=16, num_basis_B=16, target_modules=TARGETS)
+    elif method == "mola":
+        peft_config = MolaConfig(r=4, lora_alpha=8, num_experts=4, top_k=2, balance_loss_weight=balance_loss_weight,
+                                 target_modules=TARGETS)
     else:
         raise ValueError(f"unknown method {method!r}")
     torch.manual_seed(MODEL_SEED + 1)
@@ -74,7 +81,7 @@ def main(argv=None) -> None:
     from peft_ext.callbacks.lisa import LisaCallback
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--method", choices=["dylora", "nola"], required=True)
+    parser.add_argument("--method", choices=["dylora", "nola", "mola"], required=True)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     out = Path(args.out)

@@ -1,7 +1,7 @@
 """Data-parallel training with two CPU processes over gloo (torchrun / accelerate launch), about a minute in all.
 
-``tests/ddp_worker.py`` trains a tiny random Llama with DyLoRA (+ ``DyLoraRankSampler``) or NOLA, and ``LisaCallback``
-in adapter mode, through ``transformers.Trainer``; the tests check that both ranks end with the same adapter, followed
+``tests/ddp_worker.py`` trains a tiny random Llama with DyLoRA (+ ``DyLoraRankSampler``), NOLA, or MoLA (whose
+load-balancing loss the tuner adds to ``outputs.loss``), and ``LisaCallback`` in adapter mode, through ``transformers.Trainer``; the tests check that both ranks end with the same adapter, followed
 the same rank and layer schedules, and that the gradients really were averaged across the ranks. The command line is
 checked under ``torchrun`` and ``accelerate launch``: one process writes one adapter folder.
 """
@@ -71,7 +71,7 @@ def block_of(name: str):
     return int(parts[parts.index("layers") + 1]) if "layers" in parts else None
 
 
-@pytest.fixture(scope="module", params=["dylora", "nola"])
+@pytest.fixture(scope="module", params=["dylora", "nola", "mola"])
 def ddp_run(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"ddp-{request.param}")
     run(torchrun(WORKER, "--method", request.param, "--out", out))
@@ -170,6 +170,20 @@ def test_gradients_are_averaged_across_ranks(ddp_run):
         scale = mean.abs().max().clamp_min(1e-12)
         differs_from_local |= bool(((grad - local[0][name]).abs().max() / scale) > 1e-2)
     assert differs_from_local, "the synced gradient equals rank 0's own gradient: no all-reduce happened"
+    if ddp_run["method"] == "mola":
+        # the auxiliary loss is part of what both ranks trained on: without it the mean gradient is different
+        plain = ddp_worker.build_model("mola", balance_loss_weight=0.0).train()
+        LisaCallback(plain, n_layers=1, interval_steps=2, seed=ddp_worker.SCHEDULE_SEED, adapter_mode=True).step(0)
+        without = []
+        for rec in (rec0, rec1):
+            ids = torch.tensor(rec["steps"][0]["batch"])
+            plain.zero_grad(set_to_none=True)
+            plain(input_ids=ids, labels=ids).loss.backward()
+            without.append({n: p.grad.clone() for n, p in plain.named_parameters() if p.grad is not None})
+        routers = [n for n in synced0 if "router" in n]
+        assert routers, "no router gradient was synced"
+        gap = max(float(((without[0][n] + without[1][n]) / 2 - synced0[n]).abs().max()) for n in routers)
+        assert gap > 1e-6, "the router gradients do not contain the load-balancing loss"
 
 
 LAUNCHERS = {

@@ -100,6 +100,17 @@ class ExtConfig(PeftConfig):
             raise bad_value(self, name, value, "a number in [0, 1)")
 
 
+class _AuxTerms(list):
+    """The auxiliary-loss terms of the current forward. They hold autograd graphs, which ``copy.deepcopy`` and pickling
+    refuse, so copies of a layer start with no terms."""
+
+    def __deepcopy__(self, memo):
+        return _AuxTerms()
+
+    def __reduce__(self):
+        return (_AuxTerms, ())
+
+
 def _unpack_cpu_4bit(base_layer: nn.Module) -> None:
     """Turn off bitsandbytes' in-place AVX512-BF16 repacking of 4-bit weights on CPU, and undo one already done.
 
@@ -132,7 +143,7 @@ class ExtLayer(BaseTunerLayer):
     def _init_base(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
         self.call_inputs: dict = {}  # per-call inputs (route ids, gates) of the current forward, set by ExtModel
-        self.aux_losses: list = []  # weighted auxiliary-loss terms recorded by the current forward
+        self.aux_losses: list = _AuxTerms()  # weighted auxiliary-loss terms recorded by the current forward
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
@@ -247,7 +258,7 @@ class ExtModel(BaseTuner):
         inputs = {name: kwargs.get(name) for name in self.call_args}
         for layer in self.tuner_layers():
             layer.call_inputs = inputs
-            layer.aux_losses = []
+            layer.aux_losses = _AuxTerms()
         handle = self.model.register_forward_hook(self._add_aux_loss, with_kwargs=True) if self.has_aux_loss else None
         try:
             yield
@@ -262,6 +273,28 @@ class ExtModel(BaseTuner):
             return None
         return torch.stack([t.float() for t in terms]).sum()
 
+    def _aux_share(self, kwargs) -> Optional[torch.Tensor]:
+        """This micro-batch's share of the tokens ``transformers.Trainer`` normalises the loss by, or None.
+
+        With gradient accumulation or several processes the Trainer passes ``num_items_in_batch`` (the label tokens of
+        all micro-batches of the step, over all processes), the model's loss is a sum over its tokens divided by that
+        count, and the Trainer multiplies the loss by the number of processes. An auxiliary loss added unweighted would
+        then count once per micro-batch and per process; weighted by this share it enters each optimizer step as the
+        token-weighted average over the step's micro-batches, exactly as without accumulation on one process.
+        """
+        total = kwargs.get("num_items_in_batch")
+        labels = kwargs.get("labels")
+        if total is None or labels is None or not torch.is_tensor(labels):
+            return None
+        from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+
+        config = getattr(self.model, "config", None)
+        shifts = LOSS_MAPPING.get(getattr(self.model, "loss_type", None)) is ForCausalLMLoss and not getattr(
+            config, "is_encoder_decoder", False
+        )
+        local = (labels[..., 1:] if shifts else labels).ne(-100).sum()
+        return local.float() / torch.as_tensor(total, dtype=torch.float32, device=local.device)
+
     def _add_aux_loss(self, module, args, kwargs, output):
         if kwargs.get("labels") is None:
             return output
@@ -269,6 +302,9 @@ class ExtModel(BaseTuner):
         aux = self.aux_loss() if loss is not None else None
         if aux is None:
             return output
+        share = self._aux_share(kwargs)
+        if share is not None:
+            aux = aux * share.to(aux.device)
         if isinstance(output, tuple):
             return (loss + aux.to(loss.dtype),) + output[1:]
         output["loss"] = loss + aux.to(loss.dtype)
@@ -287,6 +323,7 @@ class ExtModel(BaseTuner):
         new_module = self.layer_cls(target, adapter_name, config, **kwargs)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added adapter trains only after set_adapter
+        new_module.train(target.training)  # a new module starts in training mode; follow the module it wraps
         self._replace_module(parent, target_name, new_module, target)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:

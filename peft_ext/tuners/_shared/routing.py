@@ -36,7 +36,7 @@ def check_route_input(
     token_shape = tuple(x.shape[:-1])
     if not isinstance(value, torch.Tensor):
         if per_sample_ok and isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = torch.tensor(float(value))
+            value = torch.tensor(value if kind == "int" else float(value))
         else:
             raise ValueError(f"{name} must be a torch.Tensor of shape {token_shape}; got {type(value).__name__}.")
     if kind == "int":

@@ -1,0 +1,33 @@
+"""Gated LoRA: LoRA branches switched on per token by per-call route inputs. One tuner for the gated LoRA of
+*Your LLM Knows the Future* (MTP, https://arxiv.org/abs/2507.11851; no official code, unofficial
+https://github.com/siihwanpark/MTP-GLoRA), TARA (https://arxiv.org/abs/2508.08812; https://github.com/YuqiPeng77/TARA),
+Arcana's MM-LoRA (https://arxiv.org/abs/2410.13733; no public code) and RegionBLIP (https://arxiv.org/abs/2308.02299;
+https://github.com/mightyzau/RegionBLIP)."""
+
+from .config import GatedLoraConfig
+from .layer import GatedLoraLayer, GatedLoraLinear
+from .model import GatedLoraModel, gated_lora_layers, save_branch_as_lora
+from ...spec import MethodSpec
+
+
+SPEC = MethodSpec(
+    name="gated_lora",
+    config_cls=GatedLoraConfig,
+    model_cls=GatedLoraModel,
+    paper_title="Your LLM Knows the Future: Uncovering Its Multi-Token Prediction Potential (gated LoRA; also TARA, "
+    "Arcana MM-LoRA, RegionBLIP)",
+    paper_url="https://arxiv.org/abs/2507.11851",
+    code_url="",
+    # one branch applied to every token when no route input is given: the conformance suite, TRL and the benchmark
+    # call the model without route inputs, so the adapter trains there; merged == unmerged-without-route-inputs.
+    example_kwargs={"r": 8, "lora_alpha": 16, "branches": ["default"], "default_route": "default"},
+    mergeable=True,
+    lora_convertible=True,
+    routed=True,
+    summary="LoRA branches switched on per token (`route_ids=`/`modality=`/`gate=`): MTP gated LoRA, TARA, MM-LoRA, RegionBLIP.",
+    overhead_target=1.10,
+    bench_variants=(("2 branches, mode='sum' (MM-LoRA)", {"branches": ["vision", "language"], "mode": "sum"}),),
+)
+
+__all__ = ["SPEC", "GatedLoraConfig", "GatedLoraLayer", "GatedLoraLinear", "GatedLoraModel", "gated_lora_layers",
+           "save_branch_as_lora"]

@@ -1,0 +1,220 @@
+"""Prompt-aware LoRA (WavLLM, https://arxiv.org/abs/2404.00656) against hand computations of the prompt pass, the
+adapter and the scaled LoRA."""
+
+from __future__ import annotations
+
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from conftest import randomize_adapter, rel_err, tiny_llama
+from peft_ext.tuners.prompt_aware_lora import PromptAwareLoraConfig, PromptAwareLoraLayer, prompt_aware_lora_layers, set_stage
+
+TARGETS = ["q_proj", "v_proj"]
+TOL = dict(rtol=1e-5, atol=1e-6)  # fp32, small widths
+
+
+def pa_model(seed=1, **kwargs):
+    """A prompt-aware LoRA on the tiny Llama with random weights; the heads' bias is set to 1 so that
+    c = clamp(ReLU(head(p)), 3) stays inside (0, 3) and no rank is cut off by the ReLU or the clamp."""
+    kwargs = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": TARGETS, **kwargs}
+    model = get_peft_model(tiny_llama(), PromptAwareLoraConfig(**kwargs))
+    randomize_adapter(model, seed=seed)
+    with torch.no_grad():
+        for layer in prompt_aware_lora_layers(model):
+            for head in layer.prompt_aware_lora_head.values():
+                head.bias.fill_(1.0)
+    return model
+
+
+def prompt_mask():
+    mask = torch.zeros(2, 12, dtype=torch.bool)
+    mask[0, 2:7] = True  # a prompt in the middle of the input
+    mask[1, 0:3] = True
+    return mask
+
+
+def oracle_pooled(model, ids, mask):
+    """p from an independent computation: the plain base Llama run on each sample's prompt tokens alone, the last
+    decoder layer's output, then fc2(GELU(fc1(H))), softmax_T of the score, weighted sum."""
+    base = tiny_llama()
+    pool = model.base_model.prompt_aware_lora_pool["default"]
+    out = []
+    for b in range(ids.shape[0]):
+        seen = {}
+        handle = base.model.layers[-1].register_forward_hook(lambda m, a, o: seen.setdefault("h", o[0] if isinstance(o, tuple) else o))
+        with torch.no_grad():
+            base(ids[b][mask[b]].unsqueeze(0))
+        handle.remove()
+        h = seen["h"][0]
+        s = F.linear(F.gelu(F.linear(h, pool.fc1.weight, pool.fc1.bias)), pool.fc2.weight, pool.fc2.bias)
+        a = torch.softmax(s @ pool.score.weight[0], dim=0)
+        out.append((a[:, None] * s).sum(0))
+    return torch.stack(out)
+
+
+def test_fixed_scale_equals_plain_lora(llama_inputs):
+    """c ≡ α/r: with no_prompt='fixed' (no prompt_mask) and in stage 1 the adapter is PEFT's LoRA."""
+    lora = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    for kwargs in ({"no_prompt": "fixed"}, {"stage": 1}):
+        model = pa_model(**kwargs)
+        layers = {n: m for n, m in model.named_modules() if isinstance(m, PromptAwareLoraLayer)}
+        with torch.no_grad():
+            for name, module in lora.named_modules():
+                if name in layers:
+                    module.lora_A["default"].weight.copy_(layers[name].prompt_aware_lora_down["default"].weight)
+                    module.lora_B["default"].weight.copy_(layers[name].prompt_aware_lora_up["default"].weight)
+            assert rel_err(model(llama_inputs).logits, lora(llama_inputs).logits) <= 1e-6
+
+
+def test_init_scale_starts_at_alpha_over_r(llama_inputs):
+    """init_scale=True: c = α/r for every prompt, so a stage switch does not move the output."""
+    model = get_peft_model(tiny_llama(), PromptAwareLoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_scale=True))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "_down." in name or "_up." in name or "pool" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    model.eval()
+    with torch.no_grad():
+        prompted = model(llama_inputs, prompt_mask=prompt_mask()).logits
+        set_stage(model, 1)
+        assert rel_err(model(llama_inputs).logits, prompted) <= 1e-6
+
+
+def test_prompt_pass_matches_oracle_and_runs_without_lora(llama_inputs):
+    model = pa_model()
+    mask = prompt_mask()
+    model(llama_inputs, prompt_mask=mask)
+    layer = prompt_aware_lora_layers(model)[0]
+    p = layer.prompt_vec["default"]
+    torch.testing.assert_close(p, oracle_pooled(model, llama_inputs, mask), rtol=1e-4, atol=1e-5)
+    # the prompt pass carries no LoRA: p has no autograd path to any A or B
+    lora_params = [m.prompt_aware_lora_down["default"].weight for m in prompt_aware_lora_layers(model)]
+    lora_params += [m.prompt_aware_lora_up["default"].weight for m in prompt_aware_lora_layers(model)]
+    grads = torch.autograd.grad(p.sum(), lora_params, allow_unused=True)
+    assert all(g is None for g in grads)
+
+
+def test_layer_output_is_the_scaled_lora_formula(llama_inputs):
+    model = pa_model()
+    layer = next(m for n, m in model.named_modules() if n.endswith("layers.0.self_attn.v_proj"))
+    seen = {}
+    handle = layer.register_forward_hook(lambda m, a, out: seen.update(x=a[0], y=out))
+    with torch.no_grad():
+        model(llama_inputs, prompt_mask=prompt_mask())
+    handle.remove()
+    p = layer.prompt_vec["default"]
+    head = layer.prompt_aware_lora_head["default"]
+    c = torch.clamp(torch.relu(p @ head.weight.T + head.bias), max=3.0)  # [batch, r]
+    A, B = layer.prompt_aware_lora_down["default"].weight, layer.prompt_aware_lora_up["default"].weight
+    x = seen["x"]
+    expected = x @ layer.base_layer.weight.T + ((x @ A.T) * c[:, None, :]) @ B.T
+    torch.testing.assert_close(seen["y"], expected, **TOL)
+
+
+def test_output_mode_scales_output_channels_and_refuses_gqa(llama_inputs):
+    with pytest.raises(ValueError, match="scale_mode='output'"):
+        pa_model(scale_mode="output", target_modules=["v_proj"])  # GQA: v_proj is 32 wide, d = 64
+    model = pa_model(scale_mode="output", target_modules=["q_proj", "o_proj"])
+    layer = next(m for n, m in model.named_modules() if n.endswith("layers.1.self_attn.o_proj"))
+    seen = {}
+    handle = layer.register_forward_hook(lambda m, a, out: seen.update(x=a[0], y=out))
+    with torch.no_grad():
+        model(llama_inputs, prompt_mask=prompt_mask())
+    handle.remove()
+    c = torch.clamp(torch.relu(layer.prompt_vec["default"]), max=3.0)  # [batch, d]
+    A, B = layer.prompt_aware_lora_down["default"].weight, layer.prompt_aware_lora_up["default"].weight
+    x = seen["x"]
+    expected = x @ layer.base_layer.weight.T + (x @ A.T @ B.T) * c[:, None, :]
+    torch.testing.assert_close(seen["y"], expected, **TOL)
+
+
+def test_adapter_and_lora_get_gradients_and_stage_freezing(llama_inputs):
+    model = pa_model()
+    model.train()
+    model(llama_inputs, labels=llama_inputs, prompt_mask=prompt_mask()).loss.backward()
+    pool = model.base_model.prompt_aware_lora_pool["default"]
+    for name, p in list(pool.named_parameters()) + [
+        (n, p) for n, p in model.named_parameters() if "prompt_aware_lora_head" in n or "prompt_aware_lora_down" in n
+    ]:
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    frozen = pa_model(freeze_lora_in_stage2=True)
+    trainable = {n for n, p in frozen.named_parameters() if p.requires_grad}
+    assert trainable and not any("_down." in n or "_up." in n for n in trainable)
+    stage1 = pa_model(stage=1)
+    trainable = {n for n, p in stage1.named_parameters() if p.requires_grad}
+    assert trainable and not any("head" in n or "pool" in n for n in trainable)
+    set_stage(stage1, 2)
+    assert stage1.peft_config["default"].stage == 2
+    assert all(p.requires_grad for p in stage1.base_model.prompt_aware_lora_pool["default"].parameters())
+
+
+def test_generate_computes_the_scale_once_from_the_prompt(llama_inputs):
+    model = pa_model()
+    mask = prompt_mask()
+    with torch.no_grad():
+        model(llama_inputs, prompt_mask=mask)
+        p = prompt_aware_lora_layers(model)[0].prompt_vec["default"].clone()
+        out = model.generate(input_ids=llama_inputs, prompt_mask=mask, max_new_tokens=3, do_sample=False)
+    assert out.shape == (2, 15)
+    assert torch.equal(prompt_aware_lora_layers(model)[0].prompt_vec["default"], p)
+
+
+def test_kv_cache_continuation_keeps_the_scale(llama_inputs):
+    model = pa_model()
+    with torch.no_grad():
+        full = model(llama_inputs, prompt_mask=prompt_mask()).logits
+        first = model(llama_inputs[:, :10], prompt_mask=prompt_mask()[:, :10], use_cache=True)
+        p = prompt_aware_lora_layers(model)[0].prompt_vec["default"].clone()
+        second = model(llama_inputs[:, 10:], past_key_values=first.past_key_values, use_cache=True)
+    assert torch.equal(prompt_aware_lora_layers(model)[0].prompt_vec["default"], p)
+    torch.testing.assert_close(second.logits, full[:, 10:], rtol=1e-4, atol=1e-5)
+
+
+def test_prompt_mask_errors_name_the_argument(llama_inputs):
+    model = pa_model()
+    with pytest.raises(ValueError, match=r"prompt_mask must have shape \(2, 12\)"):
+        model(llama_inputs, prompt_mask=torch.ones(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="prompt_mask must be a bool"):
+        model(llama_inputs, prompt_mask=torch.ones(2, 12))
+    with pytest.raises(ValueError, match="at least one prompt token"):
+        model(llama_inputs, prompt_mask=torch.zeros(2, 12, dtype=torch.bool))
+
+
+def test_merge_refused_in_stage_2_allowed_in_stage_1(llama_inputs):
+    model = pa_model()
+    with pytest.raises(ValueError, match="cannot be merged"):
+        model.merge_adapter()
+    set_stage(model, 1)
+    with torch.no_grad():
+        before = model(llama_inputs).logits
+        merged = model.merge_and_unload()
+        assert rel_err(merged(llama_inputs).logits, before) <= 1e-5
+
+
+def test_save_load_reproduces_prompted_logits_and_stage(tmp_path, llama_inputs):
+    model = pa_model()
+    mask = prompt_mask()
+    with torch.no_grad():
+        expected = model(llama_inputs, prompt_mask=mask).logits
+    model.save_pretrained(tmp_path / "s2")
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "s2")
+    with torch.no_grad():
+        assert torch.equal(loaded(llama_inputs, prompt_mask=mask).logits, expected)
+    assert not any(p.requires_grad for p in loaded.parameters())  # loaded for inference: pooler frozen too
+    set_stage(model, 1)
+    model.save_pretrained(tmp_path / "s1")
+    assert PeftModel.from_pretrained(tiny_llama(), tmp_path / "s1").peft_config["default"].stage == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [({"scale_mode": "width"}, "scale_mode"), ({"stage": 3}, "stage"), ({"clamp": 0}, "clamp"),
+     ({"no_prompt": "none"}, "no_prompt"), ({"hidden_size": 0}, "hidden_size")],
+)
+def test_config_errors_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=f"PromptAwareLoraConfig.{field} must be"):
+        PromptAwareLoraConfig(**kwargs)
