@@ -17,7 +17,14 @@ snippets, ``max_length`` 64, batch 16, ``--p1-epochs`` (2) epochs, a linear sche
 * **ALLoRA**: ``peft_ext.optim.allora_lora_config(r=8, ...)`` (dropout 0, scaling 1) and
   ``peft_ext.optim.create_allora_optimizer(model, lr, eta=2.0, weight_decay=0)`` at ``--allora-lr`` (2e-3); the head
   is in its plain-AdamW group.
-* **LoRA-GA (paper init)** and **LoRA-SB**: rows marked ``pending: not yet implemented (issue 5)``; nothing is run.
+* **LoRA-GA (paper init)**: the LoRA run's config, optimizer and learning rate, with the adapter initialised by
+  ``peft_ext.init.lora_ga_init`` (the official initialisation: direction ArB2r, "stable" scale with γ = 16, no
+  singular values; the base weights offset so the start equals the base model) from the mean gradient of
+  ``--loraga-batches`` (8) training batches of 16.
+* **LoRA-SB**: ``peft_ext.LoraSBConfig(r=24, init="gradient")`` (α = r; A and B frozen, only the 24×24 R and the head
+  train) initialised by ``peft_ext.init.lora_sb_init`` from the summed gradient of ``--lorasb-samples`` (32)
+  training snippets; AdamW at ``--lorasb-lr`` (1e-2: R-only training needs larger steps than LoRA's 2e-3 in this
+  budget; the same value in ``scripts/repro_lowrank.py``).
 
 Every optimizer is checked to hold every trainable parameter (the head included). Reported per method: the first
 logged step (logging every ``--p1-log-steps`` = 5 steps; the Trainer logs the mean loss of those steps) at which the
@@ -91,8 +98,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E4
 from peft_ext._io import atomic_write_json  # noqa: E402
 
 MIB = 2**20
-P1_METHODS = ("lora", "lorapro", "allora")
-P1_PENDING = {"lora-ga": "LoRA-GA (paper init)", "lora-sb": "LoRA-SB"}
+P1_METHODS = ("lora", "loraga", "lorasb", "lorapro", "allora")
 P2_VARIANTS = ("lisa", "lora", "full")
 P2_DEFAULT_VARIANTS = ("lisa", "lora")  # full FT is ~2x slower per step: opt in with --part2-variants
 P2_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -131,6 +137,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--lorapro-lr", type=float, default=1e-4, help="LoRA-Pro lr of the LoRA pairs (1e-4)")
     p.add_argument("--allora-lr", type=float, default=2e-3, help="ALLoRA lr (2e-3)")
     p.add_argument("--allora-eta", type=float, default=2.0, help="ALLoRA eta (2.0)")
+    p.add_argument("--loraga-batches", type=int, default=8, help="LoRA-GA gradient-estimation batches of 16 (8)")
+    p.add_argument("--lorasb-lr", type=float, default=1e-2, help="LoRA-SB AdamW lr (1e-2)")
+    p.add_argument("--lorasb-samples", type=int, default=32, help="LoRA-SB gradient-estimation snippets (32)")
     # part 2
     p.add_argument("--p2-train", type=int, help=f"GSM training items (default {FULL_SIZES['p2_train']})")
     p.add_argument("--p2-test", type=int, help=f"GSM eval items (default {FULL_SIZES['p2_test']})")
@@ -284,7 +293,7 @@ def load_sentiment(args: argparse.Namespace):
     return tokenizer, train.rename_column("label", "labels"), test.rename_column("label", "labels")
 
 
-def build_p1_model(method: str, args: argparse.Namespace):
+def build_p1_model(method: str, args: argparse.Namespace, data_for_init=None):
     """A seeded MiniLM classifier wrapped in PEFT with the method's LoRA config, and the method's optimizer.
 
     Returns ``(model, optimizer, settings)``; ``settings`` records config and learning rates for the JSON. Raises if
@@ -300,14 +309,43 @@ def build_p1_model(method: str, args: argparse.Namespace):
     targets = ["query", "value"]
     if method == "allora":
         config = allora_lora_config(r=8, target_modules=targets, task_type=TaskType.SEQ_CLS)
+    elif method == "lorasb":
+        from peft_ext import LoraSBConfig
+
+        config = LoraSBConfig(r=24, init="gradient", target_modules=targets, task_type=TaskType.SEQ_CLS)
     else:
         config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=targets, task_type=TaskType.SEQ_CLS)
     model = get_peft_model(base, config)
-    if method == "lora":
+    init_note = None
+    if method in ("loraga", "lorasb"):
+        from transformers import DataCollatorWithPadding
+
+        tokenizer, train = data_for_init[0], data_for_init[1]
+        collate = DataCollatorWithPadding(tokenizer)
+        if method == "loraga":
+            from peft_ext.init import lora_ga_init
+
+            n = min(args.loraga_batches * 16, len(train))
+            batches = [collate([train[i] for i in range(j, min(j + 16, n))]) for j in range(0, n, 16)]
+            lora_ga_init(model, batches, direction="ArB2r", scale="stable", gamma=16)
+            init_note = f"lora_ga_init on {len(batches)} batches of 16"
+        else:
+            from peft_ext.init import lora_sb_init
+
+            loader = torch.utils.data.DataLoader(train, batch_size=16, collate_fn=collate)
+            total = int(args.p1_epochs * len(train) / 16)
+            lora_sb_init(model, loader, num_samples=args.lorasb_samples, lr=args.lorasb_lr, total_steps=total)
+            init_note = f"lora_sb_init on {args.lorasb_samples} snippets"
+    if method in ("lora", "loraga"):
         optimizer = torch.optim.AdamW(
             unique_params(p for p in model.parameters() if p.requires_grad), lr=args.lora_lr, weight_decay=0.0
         )
         lrs = {"all": args.lora_lr}
+    elif method == "lorasb":
+        optimizer = torch.optim.AdamW(
+            unique_params(p for p in model.parameters() if p.requires_grad), lr=args.lorasb_lr, weight_decay=0.0
+        )
+        lrs = {"all": args.lorasb_lr}
     elif method == "lorapro":
         optimizer = create_lorapro_optimizer(model, lr=args.lorapro_lr)
         for group in optimizer.param_groups:
@@ -325,6 +363,7 @@ def build_p1_model(method: str, args: argparse.Namespace):
         raise RuntimeError(f"{method}: optimizer misses trainable parameters {missing[:5]}")
     head = [n for n, p in model.named_parameters() if p.requires_grad and "classifier" in n]
     settings = {
+        "init": init_note,
         "lora_config": {"r": config.r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
                         "target_modules": sorted(config.target_modules), "modules_to_save": config.modules_to_save},
         "optimizer": type(optimizer).__name__,
@@ -356,7 +395,7 @@ def run_p1_method(method: str, data, args: argparse.Namespace, workdir: str) -> 
     from transformers import DataCollatorWithPadding
 
     tokenizer, train, test = data
-    model, optimizer, settings = build_p1_model(method, args)
+    model, optimizer, settings = build_p1_model(method, args, data)
     n_trainable = trainable_param_count(model)
     targs = training_arguments(
         os.path.join(workdir, f"p1-{method}"), args,
@@ -403,7 +442,7 @@ def run_p1_method(method: str, data, args: argparse.Namespace, workdir: str) -> 
 
 
 def run_part1(args: argparse.Namespace, workdir: str) -> dict:
-    """Run every part-1 method on the same data and budget; pending methods get a placeholder row."""
+    """Run every part-1 method on the same data and budget."""
     data = load_sentiment(args)
     rows = []
     for method in args.p1_methods:
@@ -412,8 +451,6 @@ def run_part1(args: argparse.Namespace, workdir: str) -> dict:
         print(f"[part 1] {method}: {row['steps']} steps in {row['train_s']:.1f} s, eval acc "
               f"{row['eval_accuracy']:.3f}", flush=True)
         rows.append(row)
-    for key, label in P1_PENDING.items():
-        rows.append({"method": key, "label": label, "status": "pending: not yet implemented (issue 5)"})
     return {
         "settings": {
             "model": "all-MiniLM-L6-v2", "train_snippets": args.p1_train, "eval_snippets": args.p1_eval,
@@ -425,7 +462,8 @@ def run_part1(args: argparse.Namespace, workdir: str) -> dict:
     }
 
 
-P1_LABELS = {"lora": "LoRA", "lorapro": "LoRA-Pro", "allora": "ALLoRA"}
+P1_LABELS = {"lora": "LoRA", "loraga": "LoRA-GA (paper init)", "lorasb": "LoRA-SB r=24", "lorapro": "LoRA-Pro",
+             "allora": "ALLoRA"}
 
 
 def part1_table(result: dict) -> str:

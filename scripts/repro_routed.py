@@ -151,14 +151,13 @@ def collate(rows: list[dict], pad_id: int) -> dict:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def variant_config(name: str, num_layers: int, balance_weight: float):
+def variant_config(name: str, balance_weight: float):
     """The PEFT config of a variant (see the module docstring)."""
     from peft import LoraConfig, TaskType
 
     if name == "lora":
         return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, task_type=TaskType.CAUSAL_LM)
-    quarter = [2, 4, 6, 8] if name == "mola_triangle" else [5, 5, 5, 5]
-    experts = [quarter[min(3, 4 * i // num_layers)] for i in range(num_layers)]
+    experts = "2,4,6,8" if name == "mola_triangle" else 5  # depth pattern: layer i gets pattern[4·i // L]
     return peft_ext.MolaConfig(r=8, lora_alpha=16, lora_dropout=0.0, num_experts=experts, top_k=2,
                                balance_loss_weight=balance_weight, target_modules=TARGETS,
                                task_type=TaskType.CAUSAL_LM)
@@ -231,8 +230,7 @@ def train_variant(name: str, base, tokenizer, data, args) -> dict:
     from peft import get_peft_model
 
     torch.manual_seed(args.seed)
-    num_layers = base.config.num_hidden_layers
-    model = get_peft_model(copy.deepcopy(base), variant_config(name, num_layers, args.balance_weight))
+    model = get_peft_model(copy.deepcopy(base), variant_config(name, args.balance_weight))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     mixture = [(task, p, t) for task in TASKS for p, t in data[task]["train"]]
     random.Random(args.seed).shuffle(mixture)

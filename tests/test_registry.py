@@ -133,3 +133,15 @@ def test_readme_method_table_matches_the_registry():
     assert names == [spec.name for spec in peft_ext.list_methods()]
     for row, spec in zip(rows, peft_ext.list_methods()):
         assert spec.paper_url in row and spec.config_cls.__name__ in row
+
+
+def test_every_spec_declares_buildable_examples_and_bench_variants():
+    """The conformance suite, the CLI and scripts/bench_overhead.py build these; a broken one breaks them all."""
+    for spec in peft_ext.list_methods():
+        spec.config_cls(**spec.example_kwargs, target_modules=["q_proj"])
+        for entry in spec.bench_variants:
+            assert len(entry) in (2, 3) and isinstance(entry[0], str) and isinstance(entry[1], dict), entry
+            spec.config_cls(**{**spec.example_kwargs, **entry[1]}, target_modules=["q_proj"])
+        assert spec.overhead_target is None or spec.overhead_target >= 1.0
+        if spec.train_callback is not None:
+            assert callable(spec.train_callback)

@@ -59,6 +59,8 @@ def find_layers(model: nn.Module, layers_attr: Optional[str] = None) -> tuple:
     ``layers_attr`` is a dotted path relative to ``model`` or to the transformers model inside a PeftModel (e.g.
     ``"model.layers"``). Without it: the first of the usual paths (``model.layers``, ``transformer.h``, ...) that is a
     ModuleList, else the longest ModuleList in the model.
+
+    LISA paper: https://arxiv.org/abs/2403.17919; official code https://github.com/OptimalScale/LMFlow.
     """
     base = _unwrap_peft(model)
     prefix = "" if base is model else next(n for n, m in model.named_modules() if m is base)

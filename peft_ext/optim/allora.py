@@ -38,7 +38,10 @@ RowDim = Union[None, int, Dict[str, Optional[int]]]
 
 
 def is_lora_param_name(name: str, pattern: str = LORA_PARAM_PATTERN) -> bool:
-    """Whether a parameter name (from ``named_parameters``) is a LoRA ``A``/``B`` factor."""
+    """Whether a parameter name (from ``named_parameters``) is a LoRA ``A``/``B`` factor.
+
+    ALLoRA paper: https://arxiv.org/abs/2410.09692; no public code.
+    """
     return re.search(pattern, name) is not None
 
 
@@ -47,6 +50,8 @@ def allora_multiplier(param: torch.Tensor, eta: float = DEFAULT_ETA, row_dim: Op
 
     ``row_dim`` is the axis indexing the rows θ_i (the norm runs over every other axis); ``None``: one θ, the whole
     tensor. Computed in float32 at least.
+
+    ALLoRA paper: https://arxiv.org/abs/2410.09692; no public code.
     """
     if eta <= 0:
         raise ValueError(f"ALLoRA eta must be > 0; got {eta!r}.")
@@ -162,6 +167,8 @@ def create_allora_optimizer(
     group. ``adamw_kwargs`` (``betas``, ``eps``, ``weight_decay``, ...) apply to both.
 
     Use with ``transformers.Trainer`` as ``Trainer(..., optimizers=(create_allora_optimizer(model, lr), None))``.
+
+    ALLoRA paper: https://arxiv.org/abs/2410.09692; no public code.
     """
     lora, lora_names, other, other_names = [], [], [], []
     for name, p in model.named_parameters():
@@ -187,6 +194,8 @@ def allora_lora_config(**kwargs):
 
     Other keyword arguments go to ``LoraConfig`` unchanged; a conflicting ``lora_dropout``, ``lora_alpha`` or
     ``use_rslora`` raises ``ValueError``.
+
+    ALLoRA paper: https://arxiv.org/abs/2410.09692; no public code.
     """
     from peft import LoraConfig
 

@@ -71,6 +71,8 @@ def solve_sylvester_sym(P: torch.Tensor, Q: torch.Tensor, C: torch.Tensor, tol: 
 
     With ``P = UΛUᵀ`` and ``Q = VMVᵀ``: ``X = U [ (UᵀCV)_ij / (λ_i + μ_j) ] Vᵀ``. Pairs with
     ``λ_i + μ_j <= tol·max(1, max|λ|+max|μ|)`` are set to 0 (minimum-norm solution of the singular case).
+
+    LoRA-Pro paper: https://arxiv.org/abs/2407.18242; official code https://github.com/mrflogs/LoRA-Pro.
     """
     dtype = C.dtype
     P64, Q64, C64 = P.double(), Q.double(), C.double()
@@ -98,6 +100,8 @@ def equivalent_gradient(
     """Step 1: the equivalent full gradient ``g̃`` (m×n) from the factor gradients.
 
     ``first=True`` is the paper's t=0 case, ``first=False`` the t>0 case (see module docstring).
+
+    LoRA-Pro paper: https://arxiv.org/abs/2407.18242; official code https://github.com/mrflogs/LoRA-Pro.
     """
     AAt_inv = _reg_inv(A @ A.T, delta)
     if first:
@@ -118,6 +122,8 @@ def factor_updates(
 
     Guarantees ``s·(B·grad_A + grad_B·A) = P_B u + (I−P_B) u P_A`` for t>0 (``first=False``) and
     ``= s²·BBᵀu + u P_A`` for t=0 (which is ``u P_A`` for the usual ``B = 0`` initialisation).
+
+    LoRA-Pro paper: https://arxiv.org/abs/2407.18242; official code https://github.com/mrflogs/LoRA-Pro.
     """
     gA2 = s * (B.T @ u)  # r×n
     gB2 = s * (u @ A.T)  # m×r
@@ -159,6 +165,8 @@ def find_lora_pairs(model: nn.Module) -> list[_Pair]:
 
     Only plain linear LoRA is paired (2-D weights, no DoRA); other LoRA variants fall back to AdamW with a warning.
     Adapters whose weights do not require grad (inactive adapters) are skipped.
+
+    LoRA-Pro paper: https://arxiv.org/abs/2407.18242; official code https://github.com/mrflogs/LoRA-Pro.
     """
     from peft.tuners.lora import LoraLayer
 
@@ -214,6 +222,8 @@ class LoraProAdamW(torch.optim.Optimizer):
     all other trainable parameters and is updated with plain AdamW. The full-size moments of a pair live in
     ``self.state[A_i]``; ``self.state[B_i]`` is empty. See the module docstring for the algorithm and the
     differences from the official code.
+
+    LoRA-Pro paper: https://arxiv.org/abs/2407.18242; official code https://github.com/mrflogs/LoRA-Pro.
     """
 
     def __init__(
@@ -338,5 +348,7 @@ def create_lorapro_optimizer(model: nn.Module, lr: float, **kwargs) -> LoraProAd
     """Build a :class:`LoraProAdamW` for ``model``; use as ``Trainer(optimizers=(opt, None))`` (or with a scheduler).
 
     ``kwargs`` are forwarded (``betas``, ``eps``, ``delta``, ``weight_decay``).
+
+    LoRA-Pro paper: https://arxiv.org/abs/2407.18242; official code https://github.com/mrflogs/LoRA-Pro.
     """
     return LoraProAdamW(model, lr=lr, **kwargs)

@@ -101,6 +101,10 @@ def load_config(path: str | os.PathLike) -> PeftConfig:
     The file holds exactly the keys ``method`` (required) and ``config`` (optional mapping); see
     :func:`build_config`. Errors name the file, the offending key or value, and what is allowed. A loader, not a
     method (no paper or code of its own); each YAML's header cites the paper and official code of its setting.
+
+    E.g. ``randlora_paper.yaml``: RandLoRA https://arxiv.org/abs/2502.00987, official code
+    https://github.com/PaulAlbert31/RandLoRA; the presets' papers are listed in :mod:`peft_ext.presets`, the methods' in
+    ``peft_ext.list_methods()``.
     """
     import yaml
 

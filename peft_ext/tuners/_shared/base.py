@@ -23,7 +23,11 @@ from ... import __version__
 
 
 def bad_value(config: Any, name: str, value: Any, allowed: str) -> ValueError:
-    """A ValueError that names the config class, the field, the value given and what is allowed."""
+    """A ValueError that names the config class, the field, the value given and what is allowed.
+
+    Used by every peft-ext method's config; see ``peft_ext.list_methods()`` for each paper and its official code. Built
+    on PEFT, https://github.com/huggingface/peft.
+    """
     owner = type(config).__name__ if not isinstance(config, str) else config
     return ValueError(f"{owner}.{name} must be {allowed}; got {value!r}.")
 
@@ -33,6 +37,9 @@ class ExtConfig(PeftConfig):
     """Fields shared by every peft-ext tuner config; subclasses set ``method_name`` and add their own fields.
 
     Not a method itself: see the subclasses (``DyLoraConfig``, ``NolaConfig``, ...) for the paper and official code.
+
+    The tuner base of every peft-ext method; see ``peft_ext.list_methods()`` for each paper and its official code. Built
+    on PEFT, https://github.com/huggingface/peft.
     """
 
     method_name: ClassVar[str] = ""
@@ -135,6 +142,9 @@ class ExtLayer(BaseTunerLayer):
     Subclasses define ``adapter_layer_names`` (first entry is used to tell which adapters live here), ``update_layer``,
     ``adapter_forward(adapter, x)`` and ``get_delta_weight(adapter)``. Merge / unmerge go through
     ``get_base_weight`` / ``set_base_weight`` so bitsandbytes 4-bit and 8-bit bases work.
+
+    The tuner base of every peft-ext method; see ``peft_ext.list_methods()`` for each paper and its official code. Built
+    on PEFT, https://github.com/huggingface/peft.
     """
 
     mergeable: ClassVar[bool] = True
@@ -236,6 +246,9 @@ class ExtModel(BaseTuner):
 
     Subclasses set ``prefix``, ``tuner_layer_cls``, ``layer_cls`` and, when layers need per-module arguments,
     override ``_layer_kwargs``.
+
+    The tuner base of every peft-ext method; see ``peft_ext.list_methods()`` for each paper and its official code. Built
+    on PEFT, https://github.com/huggingface/peft.
     """
 
     layer_cls: ClassVar[type]

@@ -30,6 +30,11 @@ def check_route_input(
     The value must have ``x``'s leading shape (one entry per token), or with ``per_sample_ok`` one entry per sample
     (shape ``[batch]``) or a Python / 0-d scalar. Returns the value on ``x``'s device, broadcastable to
     ``x.shape[:-1]``; raises a ValueError naming ``name`` otherwise.
+
+    Used by LoRA-Mixer (https://arxiv.org/abs/2507.00029, code https://github.com/hustcselwb/LoRA-Mixer), gated LoRA
+    (https://arxiv.org/abs/2507.11851, no public code), O3 (https://arxiv.org/abs/2407.10223, code
+    https://github.com/GCYZSL/O3-LLM-UNLEARNING) and prompt-aware LoRA (https://arxiv.org/abs/2404.00656, code
+    https://github.com/microsoft/SpeechT5).
     """
     if value is None:
         return None
@@ -77,6 +82,9 @@ def topk_route(
     the k selected experts; ``weights`` are the selected probabilities, renormalised to sum to 1 over the selection
     when ``renormalize`` (MoLA, Mixtral), zero elsewhere. With k = E and renormalisation the weights equal ``probs``.
     Note that top-1 with renormalisation gives weight 1 and no task-loss gradient to the router.
+
+    Used by MoLA (https://arxiv.org/abs/2402.08562, code https://github.com/GCYZSL/MoLA) and LoRA-Mixer
+    (https://arxiv.org/abs/2507.00029, code https://github.com/hustcselwb/LoRA-Mixer).
     """
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     num_experts = probs.shape[-1]
@@ -97,6 +105,9 @@ def load_balance_loss(probs: torch.Tensor, mask: torch.Tensor, token_mask: Optio
     ``probs`` and ``mask`` are ``[..., E]``; ``f_e`` is the mean over tokens of ``mask[..., e]`` (the fraction of
     routing slots that pick e, summing to k) and ``P̄_e`` the mean router probability. ``token_mask`` (``[...]``,
     bool) leaves out padding. The minimum, for uniform routing, is k.
+
+    Used by MoLA (https://arxiv.org/abs/2402.08562, code https://github.com/GCYZSL/MoLA) and LoRA-Mixer
+    (https://arxiv.org/abs/2507.00029, code https://github.com/hustcselwb/LoRA-Mixer).
     """
     probs = probs.reshape(-1, probs.shape[-1]).float()
     mask = mask.reshape(-1, mask.shape[-1]).float()
@@ -110,7 +121,11 @@ def load_balance_loss(probs: torch.Tensor, mask: torch.Tensor, token_mask: Optio
 
 
 def expert_load(mask: torch.Tensor) -> torch.Tensor:
-    """Fraction of routing slots each expert received in this forward (``[E]``, detached, sums to k)."""
+    """Fraction of routing slots each expert received in this forward (``[E]``, detached, sums to k).
+
+    Used by MoLA (https://arxiv.org/abs/2402.08562, code https://github.com/GCYZSL/MoLA) and LoRA-Mixer
+    (https://arxiv.org/abs/2507.00029, code https://github.com/hustcselwb/LoRA-Mixer).
+    """
     return mask.detach().reshape(-1, mask.shape[-1]).float().mean(dim=0)
 
 
@@ -119,6 +134,10 @@ def routing_statistics(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
 
     Reads ``last_load`` (a dict adapter -> tensor) from every module that has one, i.e. the routed tuner layers.
     Useful for logging and for plotting expert load per depth.
+
+    For MoLA (https://arxiv.org/abs/2402.08562, code https://github.com/GCYZSL/MoLA), LoRA-Mixer
+    (https://arxiv.org/abs/2507.00029, code https://github.com/hustcselwb/LoRA-Mixer) and SMoRA
+    (https://arxiv.org/abs/2501.15103, no public code) layers.
     """
     stats = {}
     for name, module in model.named_modules():

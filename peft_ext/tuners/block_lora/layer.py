@@ -104,7 +104,10 @@ class BlockLoraLayer(ExtLayer):
 
 
 class BlockLoraLinear(nn.Module, BlockLoraLayer):
-    """Block-LoRA around a linear layer (``nn.Linear`` or a bitsandbytes 8-bit / 4-bit linear layer)."""
+    """Block-LoRA around a linear layer (``nn.Linear`` or a bitsandbytes 8-bit / 4-bit linear layer).
+
+    Block-LoRA paper: https://arxiv.org/abs/2501.16720; no public code.
+    """
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: BlockLoraConfig, **kwargs) -> None:
         nn.Module.__init__(self)

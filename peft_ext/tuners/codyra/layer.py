@@ -302,7 +302,10 @@ class CodyraLayer(ExtLayer):
 
 
 class CodyraLinear(nn.Module, CodyraLayer):
-    """CoDyRA around a linear layer (``nn.Linear`` or a bitsandbytes 8-bit / 4-bit linear layer)."""
+    """CoDyRA around a linear layer (``nn.Linear`` or a bitsandbytes 8-bit / 4-bit linear layer).
+
+    CoDyRA paper: https://arxiv.org/abs/2412.01004; official code https://github.com/Artificer-AI-Lab/CoDyRA.
+    """
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: CodyraConfig, **kwargs) -> None:
         nn.Module.__init__(self)

@@ -122,7 +122,10 @@ class DyLoraLayer(ExtLayer):
 
 
 class DyLoraLinear(nn.Module, DyLoraLayer):
-    """DyLoRA around a linear layer (``nn.Linear`` or a bitsandbytes 8-bit / 4-bit linear layer)."""
+    """DyLoRA around a linear layer (``nn.Linear`` or a bitsandbytes 8-bit / 4-bit linear layer).
+
+    DyLoRA paper: https://arxiv.org/abs/2210.07558; official code https://github.com/huawei-noah/Efficient-NLP.
+    """
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: DyLoraConfig, **kwargs) -> None:
         nn.Module.__init__(self)

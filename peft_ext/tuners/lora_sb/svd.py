@@ -66,7 +66,10 @@ def low_rank_svd(
 
 
 def random_orthonormal(rows: int, cols: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """A ``rows×cols`` float32 CPU matrix with orthonormal columns (``rows >= cols``), from a seeded Gaussian's QR."""
+    """A ``rows×cols`` float32 CPU matrix with orthonormal columns (``rows >= cols``), from a seeded Gaussian's QR.
+
+    LoRA-SB paper: https://arxiv.org/abs/2411.19557; official code https://github.com/RaghavSinghal10/lora-sb.
+    """
     g = torch.randn((rows, cols), generator=generator, dtype=torch.float32)
     Q, Rq = torch.linalg.qr(g)
     return Q * torch.sign(torch.diagonal(Rq)).where(torch.diagonal(Rq) != 0, torch.ones(cols))

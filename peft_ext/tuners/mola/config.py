@@ -50,7 +50,10 @@ def parse_per_layer(config, name: str, value) -> Union[int, list[int]]:
 
 
 def pattern_values(value: str) -> list[int]:
-    """The integers of a depth pattern string such as ``"2,4,6,8"`` (also ``"2/4/6/8"``)."""
+    """The integers of a depth pattern string such as ``"2,4,6,8"`` (also ``"2/4/6/8"``).
+
+    MoLA paper: https://arxiv.org/abs/2402.08562; official code https://github.com/GCYZSL/MoLA.
+    """
     return [int(p.strip()) for p in value.replace("/", ",").split(",") if p.strip()]
 
 

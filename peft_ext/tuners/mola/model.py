@@ -39,19 +39,28 @@ def layer_index_of(key: str, layers_pattern=None) -> Optional[int]:
 
 
 def count_layers(model: nn.Module, layers_pattern=None) -> int:
-    """Number of decoder layers of ``model``: one more than the largest layer index among its modules (0 if none)."""
+    """Number of decoder layers of ``model``: one more than the largest layer index among its modules (0 if none).
+
+    MoLA paper: https://arxiv.org/abs/2402.08562; official code https://github.com/GCYZSL/MoLA.
+    """
     indices = [layer_index_of(name, layers_pattern) for name, _ in model.named_modules()]
     indices = [i for i in indices if i is not None]
     return max(indices) + 1 if indices else 0
 
 
 def mola_layers(model: nn.Module) -> list[MolaLayer]:
-    """All MoLA layers inside ``model`` (a PeftModel, a MolaModel or any module holding them)."""
+    """All MoLA layers inside ``model`` (a PeftModel, a MolaModel or any module holding them).
+
+    MoLA paper: https://arxiv.org/abs/2402.08562; official code https://github.com/GCYZSL/MoLA.
+    """
     return [m for m in model.modules() if isinstance(m, MolaLayer)]
 
 
 def experts_per_layer(model: nn.Module, adapter_name: str = "default") -> dict[Optional[int], int]:
-    """``{layer index: number of experts}`` of adapter ``adapter_name`` (checks the per-layer allocation)."""
+    """``{layer index: number of experts}`` of adapter ``adapter_name`` (checks the per-layer allocation).
+
+    MoLA paper: https://arxiv.org/abs/2402.08562; official code https://github.com/GCYZSL/MoLA.
+    """
     out = {}
     for layer in mola_layers(model):
         if adapter_name in layer.num_experts:

@@ -30,13 +30,18 @@ def basis_chunk(seed: int, stream: int, chunk: int, n: int, num_basis: int, shap
 
     Generated from a local generator seeded with (layer seed, stream, chunk index), so any chunk can be regenerated
     alone, bit-identically, on any machine.
+
+    NOLA paper: https://arxiv.org/abs/2310.02556; official code https://github.com/UCDvision/NOLA.
     """
     u = torch.rand((n, *shape), generator=_generator(seed, stream, chunk), dtype=torch.float32)
     return (u * 2 - 1) / math.sqrt(num_basis)
 
 
 def all_bases(seed: int, stream: int, num_basis: int, shape: tuple[int, ...], chunk: int) -> torch.Tensor:
-    """All ``num_basis`` bases of a stream, shape ``(num_basis, *shape)``, CPU float32."""
+    """All ``num_basis`` bases of a stream, shape ``(num_basis, *shape)``, CPU float32.
+
+    NOLA paper: https://arxiv.org/abs/2310.02556; official code https://github.com/UCDvision/NOLA.
+    """
     parts = [
         basis_chunk(seed, stream, j, min(chunk, num_basis - start), num_basis, shape)
         for j, start in enumerate(range(0, num_basis, chunk))
@@ -45,7 +50,10 @@ def all_bases(seed: int, stream: int, num_basis: int, shape: tuple[int, ...], ch
 
 
 def a0_matrix(seed: int, r: int, in_features: int) -> torch.Tensor:
-    """The frozen part A0 of A: kaiming-uniform (a=√5), i.e. ``U(-1/√in, 1/√in)``, shape ``(r, in)``, CPU float32."""
+    """The frozen part A0 of A: kaiming-uniform (a=√5), i.e. ``U(-1/√in, 1/√in)``, shape ``(r, in)``, CPU float32.
+
+    NOLA paper: https://arxiv.org/abs/2310.02556; official code https://github.com/UCDvision/NOLA.
+    """
     u = torch.rand((r, in_features), generator=_generator(seed, STREAM_A0, 0), dtype=torch.float32)
     return (u * 2 - 1) / math.sqrt(in_features)
 
@@ -188,7 +196,10 @@ class NolaLayer(ExtLayer):
 
 
 class NolaLinear(nn.Module, NolaLayer):
-    """NOLA around a linear layer (``nn.Linear`` or a bitsandbytes 8-bit / 4-bit linear layer)."""
+    """NOLA around a linear layer (``nn.Linear`` or a bitsandbytes 8-bit / 4-bit linear layer).
+
+    NOLA paper: https://arxiv.org/abs/2310.02556; official code https://github.com/UCDvision/NOLA.
+    """
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: NolaConfig, **kwargs) -> None:
         nn.Module.__init__(self)

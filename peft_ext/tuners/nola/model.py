@@ -13,7 +13,10 @@ from .layer import NolaLayer, NolaLinear
 
 
 def layer_seed(basis_seed: int, module_name: str) -> int:
-    """The seed of one layer: a stable function of the config's ``basis_seed`` and the module's name (< 2**31)."""
+    """The seed of one layer: a stable function of the config's ``basis_seed`` and the module's name (< 2**31).
+
+    NOLA paper: https://arxiv.org/abs/2310.02556; official code https://github.com/UCDvision/NOLA.
+    """
     return (basis_seed * 1_000_003 + zlib.crc32(module_name.encode("utf-8"))) % 2**31
 
 

@@ -178,7 +178,10 @@ class O3LoraLayer(ExtLayer):
 
 
 class O3LoraLinear(nn.Module, O3LoraLayer):
-    """O3 LoRA around a linear layer (``nn.Linear`` or a bitsandbytes 8-bit / 4-bit linear layer)."""
+    """O3 LoRA around a linear layer (``nn.Linear`` or a bitsandbytes 8-bit / 4-bit linear layer).
+
+    O3 paper: https://arxiv.org/abs/2407.10223; official code https://github.com/GCYZSL/O3-LLM-UNLEARNING.
+    """
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: O3LoraConfig, **kwargs) -> None:
         nn.Module.__init__(self)

@@ -16,7 +16,10 @@ from .layer import SmoraLayer, SmoraLinear
 
 
 def smora_layers(model: nn.Module) -> list[SmoraLayer]:
-    """All SMoRA layers inside ``model`` (a PeftModel, a SmoraModel or any module holding them)."""
+    """All SMoRA layers inside ``model`` (a PeftModel, a SmoraModel or any module holding them).
+
+    SMoRA paper: https://arxiv.org/abs/2501.15103; no public code.
+    """
     return [m for m in model.modules() if isinstance(m, SmoraLayer)]
 
 
