@@ -72,11 +72,34 @@ def main(argv=None) -> int:
     from .recipe import RecipeError
 
     try:
-        return {"train": cmd_train, "eval": cmd_eval, "compare": cmd_compare, "export": cmd_export,
-                "push": cmd_push, "methods": cmd_methods}[args.command](args)
+        status = {"train": cmd_train, "eval": cmd_eval, "compare": cmd_compare, "export": cmd_export,
+                  "push": cmd_push, "methods": cmd_methods}[args.command](args)
     except (RecipeError, FileNotFoundError) as exc:
         print(f"peft-ext {args.command}: {exc}", file=sys.stderr)
+        _close_process_group(wait=False)
         return 2
+    except BaseException:
+        _close_process_group(wait=False)
+        raise
+    _close_process_group(wait=True)
+    return status
+
+
+def _close_process_group(wait: bool) -> None:
+    """Under torchrun / accelerate, destroy the process group before the interpreter exits (after a barrier when the
+    command succeeded, so no rank leaves while another still writes).
+
+    Left to interpreter shutdown, gloo's threads can outlive the group and abort the process ("terminate called
+    without an active exception") after training has finished.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            if wait:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def cmd_train(args) -> int:

@@ -170,12 +170,40 @@ def build_peft_config(recipe: Recipe):
         raise ValueError(f"method.config: {exc}") from exc
 
 
+def _takes_prompt_mask(recipe: Recipe) -> bool:
+    """Whether the recipe's method reads a per-call ``prompt_mask=`` (prompt-aware LoRA, WavLLM)."""
+    if recipe.method.name == "lora":
+        return False
+    from .registry import get_method
+
+    return "prompt_mask" in get_method(recipe.method.name).model_cls.call_args
+
+
+class _PromptMaskCollator:
+    """Pads a batch and adds ``prompt_mask``: the instruction tokens a prompt-aware method pools over.
+
+    Causal LM: the tokens without a loss (label -100) that are not padding, i.e. the question; the answer never shapes
+    its own scale. Sequence classification: every token of the input (the label is not a token).
+    """
+
+    def __init__(self, inner, causal: bool):
+        self.inner, self.causal = inner, causal
+
+    def __call__(self, features):
+        batch = self.inner(features)
+        attended = batch["attention_mask"].bool()
+        batch["prompt_mask"] = (batch["labels"].eq(-100) & attended) if self.causal else attended
+        return batch
+
+
 def _collator(recipe: Recipe, tokenizer):
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
 
     if recipe.model.task == "seq_cls":
-        return DataCollatorWithPadding(tokenizer)
-    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
+        inner = DataCollatorWithPadding(tokenizer)
+    else:
+        inner = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
+    return _PromptMaskCollator(inner, causal=recipe.model.task != "seq_cls") if _takes_prompt_mask(recipe) else inner
 
 
 def _accuracy(eval_pred) -> dict:
@@ -254,6 +282,8 @@ def generation_accuracy(model, tokenizer, recipe: Recipe, rows) -> float:
         for start in range(0, len(prompts), 8):
             enc = tokenizer(prompts[start : start + 8], return_tensors="pt", padding=True, add_special_tokens=False)
             enc = {k: v.to(model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+            if _takes_prompt_mask(recipe):
+                enc["prompt_mask"] = enc["attention_mask"].bool()  # the whole (left-padded) question is the prompt
             with torch.no_grad():
                 out = model.generate(**enc, max_new_tokens=recipe.evaluation.max_new_tokens, do_sample=False,
                                      pad_token_id=tokenizer.pad_token_id)

@@ -29,6 +29,18 @@ class MethodSpec:
         default_factory=dict,
         metadata={"help": "Small config arguments used by the conformance suite, the benchmark and the docs."},
     )
+    example_call: Optional[Callable[[tuple], dict]] = field(
+        default=None,
+        metadata={"help": "Per-call keyword inputs for the conformance suite's calls: given the token shape the layers "
+                  "see (x.shape[:-1], e.g. (batch, tokens) or (rows,)), returns e.g. {'route_ids': tensor}; "
+                  "deterministic (no random draws), so a fresh process can repeat the call. None: no per-call inputs."},
+    )
+    conformance_kwargs: dict = field(
+        default_factory=dict,
+        metadata={"help": "Config overrides the conformance suite applies on top of example_kwargs, e.g. turning on "
+                  "auxiliary losses ({'balance_loss_weight': 0.01}); a method with an auxiliary loss that sets them "
+                  "must add a non-zero one to outputs.loss when labels are given."},
+    )
     mergeable: bool = field(default=True, metadata={"help": "merge_and_unload / merge_adapter are exact."})
     quantizable: bool = field(default=True, metadata={"help": "Works on bitsandbytes 4-bit and 8-bit base layers."})
     lora_convertible: bool = field(default=True, metadata={"help": "save_as_lora / convert_to_lora apply."})

@@ -8,10 +8,11 @@ snippets, ``max_length`` 64, batch 16, ``--p1-epochs`` (2) epochs, a linear sche
 
 * **LoRA**: ``LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query", "value"], task_type=SEQ_CLS)``
   and ``torch.optim.AdamW`` (weight decay 0) at ``--lora-lr`` (2e-3) over every trainable parameter.
-* **LoRA-Pro**: the same LoRA config and ``peft_ext.optim.create_lorapro_optimizer``. LoRA-Pro's update is, to first
-  order, a full-size Adam step projected onto the LoRA tangent space, so its learning rate lives on the full
-  fine-tuning scale: ``--lorapro-lr`` (1e-4, the scale of the LoRA-GA / LoRA-Pro GLUE runs). Its second parameter
-  group (everything that is not a LoRA pair: the classifier head, which ``task_type=SEQ_CLS`` puts in
+* **LoRA-Pro**: the same LoRA config but ``lora_dropout=0`` (the paper and official code; LoRA-Pro's equivalent
+  gradient assumes no dropout and warns otherwise), and ``peft_ext.optim.create_lorapro_optimizer``. LoRA-Pro's
+  update is, to first order, a full-size Adam step projected onto the LoRA tangent space, so its learning rate lives
+  on the full fine-tuning scale: ``--lorapro-lr`` (1e-4, the scale of the LoRA-GA / LoRA-Pro GLUE runs). Its second
+  parameter group (everything that is not a LoRA pair: the classifier head, which ``task_type=SEQ_CLS`` puts in
   ``modules_to_save``) gets the LoRA run's ``--lora-lr``, so the head is not what the comparison measures.
   LoRA-Pro is slower per step (full-size moments, r×r solves), so time-to-target is reported beside steps.
 * **ALLoRA**: ``peft_ext.optim.allora_lora_config(r=8, ...)`` (dropout 0, scaling 1) and
@@ -38,12 +39,21 @@ Part 2 — ``SmolLM2-135M-Instruct`` (``peft_ext.data.smollm2_path()``, float32)
 generation prompt) followed by ``answer_cot`` and ``<|im_end|>``; the loss is on the answer tokens only (prompt
 labels are -100), sequences are cut to ``--p2-max-length`` (192). Batch 4, ``--p2-steps`` (20) optimizer steps, linear
 schedule to 0, ``transformers.Trainer`` with its default AdamW (weight decay 0). The default of 20 steps on 80 items
-(one epoch) keeps part 2 near 7 minutes on 2 busy cores (the whole default run took 800 s there);
-``--p2-steps 30 --p2-train 120`` is the longer run. Variants (LISA and LoRA by default;
-``--part2-variants lisa,lora,full`` adds full FT):
+(one epoch) kept part 2 (then LISA and LoRA) near 7 minutes on 2 busy cores (the whole run took 800 s there;
+``lisa_keep`` adds one LISA run, about a third more part 2);
+``--p2-steps 30 --p2-train 120`` is the longer run. Variants (``lisa``, ``lisa_keep`` and ``lora`` by default;
+``--part2-variants lisa,lisa_keep,lisa_hybrid,lora,full`` adds the hybrid mode and full FT):
 
-* **LISA**: full-parameter, ``peft_ext.callbacks.LisaCallback(n_layers=2, interval_steps=10, seed)`` (γ = 2, K = 10;
-  embeddings / final norm / tied LM head always train), lr ``--lisa-lr`` (1e-5); the model is not wrapped in PEFT.
+* **LISA** (``lisa``): full-parameter, ``peft_ext.callbacks.LisaCallback(n_layers=2, interval_steps=10, seed)``
+  (γ = 2, K = 10; embeddings / final norm / tied LM head always train), lr ``--lisa-lr`` (1e-5); the model is not
+  wrapped in PEFT. Switched-off blocks lose their Adam state (``reset_state=True``, our default).
+* **LISA, state kept** (``lisa_keep``): the same with ``reset_state=False``, as the official callback behaves: the
+  Adam state of every block ever active stays allocated, so its optimizer-state column grows with the blocks visited
+  (the memory the reset saves).
+* **LISA hybrid** (``lisa_hybrid``, opt-in): the LoRA model below plus ``LisaCallback(mode="hybrid")``: the γ sampled
+  blocks train their base weights (lr ``--lisa-lr``), every other block its LoRA adapter (lr ``--p2-lora-lr``),
+  embeddings / norm / head always (lr ``--lisa-lr``); the optimizer is built over
+  ``peft_ext.callbacks.lisa.lisa_parameters(model, mode="hybrid")`` in those two groups.
 * **LoRA**: ``LoraConfig(r=8, lora_alpha=16, lora_dropout=0, target_modules=q,k,v,o_proj, task_type=CAUSAL_LM)``,
   lr ``--p2-lora-lr`` (1e-3).
 * **Full FT** (opt-in, ~2x slower per step than LoRA): every parameter, lr ``--full-lr`` (1e-5).
@@ -54,11 +64,11 @@ the model, data, the evaluation and the training, nothing of the other variants.
 data is reported too, so the training's share is visible. Also reported: the token-weighted mean eval loss on the
 first ``--p2-test`` (32) test items before and after training, train time, the largest number of parameters that
 required grad at the end of any step, and the largest optimizer state (bytes of ``optimizer.state`` tensors, at the
-end of each step; LISA drops the state of switched-off blocks).
+end of each step; ``lisa`` drops the state of switched-off blocks, ``lisa_keep`` keeps it).
 
 Rerun (from the repository root)::
 
-    .venv/bin/python scripts/bench_training.py                 # both parts, ~13-14 min on 2 busy cores
+    .venv/bin/python scripts/bench_training.py                 # both parts, ~15-17 min on 2 busy cores
     .venv/bin/python scripts/bench_training.py --part 1        # MiniLM sentiment only
     .venv/bin/python scripts/bench_training.py --part 2 --part2-variants lisa,lora
     .venv/bin/python scripts/bench_training.py --quick         # tiny sizes: a smoke test (< 2 minutes)
@@ -99,8 +109,8 @@ from peft_ext._io import atomic_write_json  # noqa: E402
 
 MIB = 2**20
 P1_METHODS = ("lora", "loraga", "lorasb", "lorapro", "allora")
-P2_VARIANTS = ("lisa", "lora", "full")
-P2_DEFAULT_VARIANTS = ("lisa", "lora")  # full FT is ~2x slower per step: opt in with --part2-variants
+P2_VARIANTS = ("lisa", "lisa_keep", "lisa_hybrid", "lora", "full")
+P2_DEFAULT_VARIANTS = ("lisa", "lisa_keep", "lora")  # full FT is ~2x slower per step: opt in with --part2-variants
 P2_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 FULL_SIZES = dict(
@@ -185,12 +195,7 @@ def seed_everything(seed: int) -> None:
 
 def unique_params(params) -> list[torch.nn.Parameter]:
     """The parameters of an iterable with duplicates (tied weights) removed, in first-seen order."""
-    seen, out = set(), []
-    for p in params:
-        if id(p) not in seen:
-            seen.add(id(p))
-            out.append(p)
-    return out
+    return list({id(p): p for p in params}.values())
 
 
 def trainable_param_count(model: torch.nn.Module) -> int:
@@ -313,8 +318,10 @@ def build_p1_model(method: str, args: argparse.Namespace, data_for_init=None):
         from peft_ext import LoraSBConfig
 
         config = LoraSBConfig(r=24, init="gradient", target_modules=targets, task_type=TaskType.SEQ_CLS)
-    else:
-        config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=targets, task_type=TaskType.SEQ_CLS)
+    else:  # LoRA-Pro: no dropout, as in the paper and the official code (its equivalent gradient assumes none)
+        dropout = 0.0 if method == "lorapro" else 0.1
+        config = LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=targets,
+                            task_type=TaskType.SEQ_CLS)
     model = get_peft_model(base, config)
     init_note = None
     if method in ("loraga", "lorasb"):
@@ -581,14 +588,32 @@ def run_part2_variant(variant: str, args: argparse.Namespace) -> dict:
     collate = pad_collate(pad_id)
 
     callbacks: list = []
-    if variant == "lisa":
+    optimizers = (None, None)  # the Trainer's default AdamW unless set below
+    lr_label = None
+    lisa = None
+    if variant in ("lisa", "lisa_keep"):
         lr = args.lisa_lr
-        lisa = LisaCallback(model, n_layers=args.lisa_layers, interval_steps=args.lisa_interval, seed=args.seed)
+        lisa = LisaCallback(model, n_layers=args.lisa_layers, interval_steps=args.lisa_interval, seed=args.seed,
+                            reset_state=variant == "lisa", mode="full")
         callbacks.append(lisa)
-    elif variant == "lora":
+    elif variant in ("lora", "lisa_hybrid"):
         lr = args.p2_lora_lr
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                                                  target_modules=list(P2_LORA_TARGETS), task_type=TaskType.CAUSAL_LM))
+        if variant == "lisa_hybrid":
+            from peft_ext.callbacks.lisa import lisa_parameters
+
+            lr = args.lisa_lr
+            names = {id(p): n for n, p in model.named_parameters()}
+            params = lisa_parameters(model, mode="hybrid")
+            lora = [p for p in params if "lora_" in names[id(p)]]
+            base = [p for p in params if "lora_" not in names[id(p)]]
+            optimizers = (torch.optim.AdamW([{"params": base, "lr": args.lisa_lr},
+                                             {"params": lora, "lr": args.p2_lora_lr}], weight_decay=0.0), None)
+            lr_label = f"{args.lisa_lr:g} base / {args.p2_lora_lr:g} LoRA"
+            lisa = LisaCallback(model, n_layers=args.lisa_layers, interval_steps=args.lisa_interval, seed=args.seed,
+                                mode="hybrid")
+            callbacks.append(lisa)
     elif variant == "full":
         lr = args.full_lr
     else:
@@ -603,17 +628,19 @@ def run_part2_variant(variant: str, args: argparse.Namespace) -> dict:
             tmp, args, per_device_train_batch_size=args.p2_batch, max_steps=args.p2_steps, learning_rate=lr,
             logging_steps=args.p2_log_steps, remove_unused_columns=False,
         )
-        trainer = Trainer(model=model, args=targs, train_dataset=train, data_collator=collate, callbacks=callbacks)
+        trainer = Trainer(model=model, args=targs, train_dataset=train, data_collator=collate, callbacks=callbacks,
+                          optimizers=optimizers)
         t0 = time.perf_counter()
         out = trainer.train()
         train_s = time.perf_counter() - t0
-        optim_name = str(targs.optim)
+        optim_name = str(targs.optim) if optimizers[0] is None else type(optimizers[0]).__name__
         final_state = optimizer_state_bytes(trainer.optimizer)
         log = [e for e in trainer.state.log_history if "loss" in e]
     loss_after = eval_loss(model, test, collate)
     result = {
         "variant": variant,
         "lr": lr,
+        "lr_label": lr_label,
         "optimizer": optim_name,
         "steps": int(out.global_step),
         "eval_loss_before": loss_before,
@@ -632,9 +659,10 @@ def run_part2_variant(variant: str, args: argparse.Namespace) -> dict:
         "train_log": [{"step": e["step"], "loss": e["loss"]} for e in log],
         "threads": torch.get_num_threads(),
     }
-    if variant == "lisa":
-        result["lisa"] = {"n_layers": args.lisa_layers, "interval_steps": args.lisa_interval,
-                          "total_layers": lisa.total_layers, "history": lisa.history}
+    if lisa is not None:
+        result["lisa"] = {"n_layers": args.lisa_layers, "interval_steps": args.lisa_interval, "mode": lisa.mode,
+                          "reset_state": lisa.reset_state, "total_layers": lisa.total_layers,
+                          "history": lisa.history}
     return result
 
 
@@ -682,7 +710,10 @@ def run_part2(args: argparse.Namespace, workdir: str) -> dict:
     }
 
 
-P2_LABELS = {"lisa": "LISA (γ=2, K=10, full-param)", "lora": "LoRA r=8 q,k,v,o", "full": "Full FT"}
+P2_LABELS = {"lisa": "LISA (γ=2, K=10, full-param)", "lisa_keep": "LISA, state kept (official)",
+             "lisa_hybrid": "LISA hybrid + LoRA r=8", "lora": "LoRA r=8 q,k,v,o", "full": "Full FT"}
+LISA_LABEL_TAILS = {"lisa": "full-param", "lisa_keep": "full-param, state kept (official)",
+                    "lisa_hybrid": "hybrid: base of sampled + LoRA r=8 elsewhere"}
 
 
 def part2_table(result: dict) -> str:
@@ -695,10 +726,11 @@ def part2_table(result: dict) -> str:
         if "error" in r:
             rows.append([label, f"FAILED: {r['error']}"] + ["–"] * (len(head) - 2))
             continue
-        if r["variant"] == "lisa":
-            label = f"LISA (γ={r['lisa']['n_layers']}, K={r['lisa']['interval_steps']}, full-param)"
+        if r["variant"] in LISA_LABEL_TAILS:
+            label = (f"LISA (γ={r['lisa']['n_layers']}, K={r['lisa']['interval_steps']}, "
+                     f"{LISA_LABEL_TAILS[r['variant']]})")
         rows.append([
-            label, f"{r['lr']:g}", fmt(r["eval_loss_before"], ".4f"), fmt(r["eval_loss_after"], ".4f"),
+            label, r.get("lr_label") or f"{r['lr']:g}", fmt(r["eval_loss_before"], ".4f"), fmt(r["eval_loss_after"], ".4f"),
             fmt(r["eval_loss_after"] - r["eval_loss_before"], "+.4f"), fmt(r["train_s"], ".1f"),
             fmt(r["s_per_step"], ".2f"), f"{r['max_trainable_params']:,}", fmt(r["peak_rss_mib"], ".0f"),
             fmt(r["rss_after_load_mib"], ".0f"), fmt(r["max_optimizer_state_bytes"] / MIB, ".1f"),

@@ -17,9 +17,12 @@ equal share, shuffled together with a fixed seed, the loss on the answer tokens 
 Variants (adapters on q/k/v/o of every layer; same seed, data order, steps, batch size and learning rate):
 
 * **LoRA r=16** (``peft.LoraConfig``, α = 32): 16 active rank per token;
-* **MoLA-▽** (``peft_ext.MolaConfig``): r = 8 experts, top-2 (16 active rank per token, as LoRA r=16), experts per
-  layer 2/4/6/8 by depth quarter, the load-balancing loss at weight ``--balance-weight``;
-* **MoLA uniform**: the same with 5 experts in every layer (about the same total expert count as MoLA-▽).
+* ``mola_inverted_triangle``, **MoLA-▽** (``peft_ext.MolaConfig``; the paper's "inverted triangle"): r = 8 experts,
+  top-2 (16 active rank per token, as LoRA r=16), experts per layer 2/4/6/8 by depth quarter, the load-balancing loss
+  at weight ``--balance-weight``;
+* ``mola_uniform``, **MoLA uniform**: the same with 5 experts in every layer (about the same total expert count as
+  MoLA-▽);
+* ``mola_triangle``, **MoLA-△** (not run by default): the reverse allocation, 8/6/4/2.
 
 Reported per variant: trainable parameters (total and active per token), eval loss per task (token-weighted over
 ``--n-eval`` held-out items per task), sentiment accuracy (is the log-probability of " positive" above that of
@@ -60,6 +63,8 @@ from peft_ext.tuners._shared.routing import routing_statistics  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 TASKS = ["sentiment", "gsm", "bfcl"]
+# variant -> MoLA experts per layer (a depth pattern: layer i gets pattern[4·i // L]); None: plain LoRA r=16
+VARIANTS = {"lora": None, "mola_inverted_triangle": "2,4,6,8", "mola_uniform": 5, "mola_triangle": "8,6,4,2"}
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -72,12 +77,16 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--n-eval", type=int, default=24, help="eval items per task")
     p.add_argument("--max-length", type=int, default=160)
     p.add_argument("--balance-weight", type=float, default=0.01, help="MoLA load-balancing loss weight")
-    p.add_argument("--variants", default="lora,mola_triangle,mola_uniform")
+    p.add_argument("--variants", default="lora,mola_inverted_triangle,mola_uniform",
+                   help=f"comma-separated, from {', '.join(VARIANTS)}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--out", default="results/repro_routed.json")
     p.add_argument("--plot", default="results/repro_routed_load.png")
     args = p.parse_args(argv)
+    unknown = [v for v in (v.strip() for v in args.variants.split(",")) if v not in VARIANTS]
+    if unknown:
+        p.error(f"--variants: unknown variant(s) {unknown}; allowed: {', '.join(VARIANTS)}")
     if args.quick:
         args.steps, args.n_train, args.n_eval, args.max_length = min(args.steps, 6), 8, 4, 96
     return args
@@ -155,9 +164,11 @@ def variant_config(name: str, balance_weight: float):
     """The PEFT config of a variant (see the module docstring)."""
     from peft import LoraConfig, TaskType
 
-    if name == "lora":
+    if name not in VARIANTS:
+        raise ValueError(f"variant {name!r} is unknown; allowed: {', '.join(VARIANTS)}")
+    experts = VARIANTS[name]
+    if experts is None:
         return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, task_type=TaskType.CAUSAL_LM)
-    experts = "2,4,6,8" if name == "mola_triangle" else 5  # depth pattern: layer i gets pattern[4·i // L]
     return peft_ext.MolaConfig(r=8, lora_alpha=16, lora_dropout=0.0, num_experts=experts, top_k=2,
                                balance_loss_weight=balance_weight, target_modules=TARGETS,
                                task_type=TaskType.CAUSAL_LM)
@@ -251,7 +262,7 @@ def train_variant(name: str, base, tokenizer, data, args) -> dict:
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(out.loss))
+        losses.append(float(out.loss.detach()))
     train_time = time.perf_counter() - start
     metrics = evaluate(model, tokenizer, data, args)
     return {

@@ -30,6 +30,16 @@ def make_config(spec, target_modules, **overrides):
     return spec.config_cls(**{**spec.example_kwargs, "target_modules": list(target_modules), **overrides})
 
 
+def conformance_config(spec, target_modules, **overrides):
+    """The example config with the spec's ``conformance_kwargs`` on top (auxiliary losses on, routed branches)."""
+    return make_config(spec, target_modules, **{**spec.conformance_kwargs, **overrides})
+
+
+def call_kwargs(spec, token_shape):
+    """The spec's per-call inputs (route ids, masks) for a call whose layers see ``token_shape``; {} when none."""
+    return spec.example_call(tuple(token_shape)) if spec.example_call is not None else {}
+
+
 def tiny_llama_config():
     from transformers import LlamaConfig
 

@@ -5,12 +5,17 @@
 A tiny random LlamaForCausalLM (seeded, the same on every rank) gets a peft-ext adapter (DyLoRA with its
 ``DyLoraRankSampler``, NOLA, or MoLA with its load-balancing auxiliary loss, which the tuner adds to
 ``outputs.loss``) and trains with ``transformers.Trainer`` on CPU over gloo, with ``LisaCallback`` in
-adapter mode on top. Each rank writes under ``DIR``:
+adapter mode on top; ``--method lisa_full`` trains the plain model with full-parameter LISA (blocks frozen and
+unfrozen between steps under DDP). Each rank writes under ``DIR``:
 
-* ``init{RANK}.pt`` / ``rank{RANK}.pt``: ``{name: tensor}`` of the adapter parameters before / after training;
+* ``init{RANK}.pt`` / ``rank{RANK}.pt``: ``{name: tensor}`` of the trainable parameters before / after training;
 * ``grads{RANK}.pt``: the gradients of step 0 as the optimizer sees them (after DDP's all-reduce);
-* ``rank{RANK}.json``: world size, the wrapper class, and per step: the DyLoRA rank, LISA's active blocks and the
-  local batch (token ids), plus LISA's switch history.
+* ``rank{RANK}.json``: world size, the wrapper class and its ``find_unused_parameters``, and per step: the DyLoRA
+  rank, LISA's active blocks and the local batch (token ids), plus LISA's switch history.
+
+The worker ends with a barrier and ``destroy_process_group()``, then leaves through ``os._exit(0)`` once everything is
+written: a run once finished training and then died at interpreter shutdown ("terminate called without an active
+exception", exit -6), from torch.distributed's C++ threads being torn down.
 
 Not collected by pytest (the name does not start with ``test_``); ``build_model`` is also used by the test to
 recompute step 0 in a single process.
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -31,10 +37,17 @@ import torch  # noqa: E402
 VOCAB, SEQ_LEN, BATCH, STEPS, LAYERS = 128, 16, 4, 6, 4
 MODEL_SEED, DATA_SEED, SCHEDULE_SEED = 0, 1, 3
 TARGETS = ["q_proj", "v_proj"]
+METHODS = ("dylora", "nola", "mola", "lisa_full")
+
+
+def lisa_mode(method: str) -> str:
+    """LISA's mode in the run of ``method``: full-parameter for ``lisa_full``, adapter mode on the PEFT models."""
+    return "full" if method == "lisa_full" else "adapter"
 
 
 def build_model(method: str, balance_loss_weight: float = 0.05):
-    """The tiny Llama (hidden 64, 4 blocks) with the method's adapter; identical in every process.
+    """The tiny Llama (hidden 64, 4 blocks) with the method's adapter (none for ``lisa_full``); identical in every
+    process.
 
     MoLA: 4 experts of rank 4, top-2, with the load-balancing loss at ``balance_loss_weight`` (a large weight so the
     auxiliary term visibly changes the gradients)."""
@@ -47,6 +60,8 @@ def build_model(method: str, balance_loss_weight: float = 0.05):
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     torch.manual_seed(MODEL_SEED)
     base = LlamaForCausalLM(config)
+    if method == "lisa_full":
+        return base
     if method == "dylora":
         peft_config = DyLoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS)
     elif method == "nola":
@@ -81,7 +96,7 @@ def main(argv=None) -> None:
     from peft_ext.callbacks.lisa import LisaCallback
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--method", choices=["dylora", "nola", "mola"], required=True)
+    parser.add_argument("--method", choices=list(METHODS), required=True)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -94,7 +109,7 @@ def main(argv=None) -> None:
                out / f"init{rank}.pt")
 
     sampler = DyLoraRankSampler(seed=SCHEDULE_SEED) if args.method == "dylora" else None
-    lisa = LisaCallback(n_layers=1, interval_steps=2, seed=SCHEDULE_SEED, adapter_mode=True)
+    lisa = LisaCallback(n_layers=1, interval_steps=2, seed=SCHEDULE_SEED, mode=lisa_mode(args.method))
     steps: list[dict] = []
 
     class Record(TrainerCallback):
@@ -145,12 +160,26 @@ def main(argv=None) -> None:
         "rank": rank,
         "world_size": training_args.world_size,
         "wrapper": type(trainer.model_wrapped).__name__,
+        "find_unused_parameters": getattr(trainer.model_wrapped, "find_unused_parameters", None),
         "global_step": result.global_step,
         "steps": steps,
         "lisa_history": [[step, layers] for step, layers in lisa.history],
         "losses": [row["loss"] for row in trainer.state.log_history if "loss" in row],
     }
     (out / f"rank{rank}.json").write_text(json.dumps(record))
+    shutdown()
+
+
+def shutdown() -> None:
+    """Leave the process group cleanly, then exit without interpreter teardown (see the module docstring)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

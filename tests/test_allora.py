@@ -250,3 +250,71 @@ def test_trains_a_tiny_model():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+# ---------------------------------------------------------------------------------------------- apply_to
+
+
+def test_grad_mode_constant_factor_cancels_update_mode_does_not():
+    """Under Adam a per-row factor that is constant over time cancels: a zero row of B (c = η) takes the plain AdamW
+    first step with apply_to="grad", and η times that step with apply_to="update"."""
+    eta, lr = 3.0, 0.01
+    b = torch.zeros(6, 4)  # zero rows: c = η exactly
+    g = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    steps = {}
+    for mode in ("plain", "grad", "update"):
+        p = nn.Parameter(b.clone())
+        opt = (torch.optim.AdamW([p], lr=lr, weight_decay=0.0) if mode == "plain"
+               else ALLoRA([p], lr=lr, eta=eta, weight_decay=0.0, apply_to=mode))
+        p.grad = g.clone()
+        opt.step()
+        assert torch.equal(p.grad, g)  # the caller's gradient is left untouched in both modes
+        steps[mode] = p.detach().clone()
+    # Adam's first step is lr·g/(|g| + eps): with |g| ~ 1 scaling g by η changes it by ~eps/|g| relative (≤ 1e-6 here)
+    torch.testing.assert_close(steps["grad"], steps["plain"], rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(steps["update"], eta * steps["plain"], rtol=1e-6, atol=1e-9)
+    # the plain first step is lr in every coordinate (−lr·sign(g)), so "update" moved η·lr, "grad" lr
+    torch.testing.assert_close(steps["plain"].abs(), torch.full_like(b, lr), rtol=1e-5, atol=0)
+
+
+def test_update_mode_two_steps_equal_hand_computation():
+    eta, lr, betas, eps, wd = 2.0, 0.05, (0.9, 0.99), 1e-8, 0.1
+    model = lora_mlp()
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    start = {n: p.detach().clone() for n, p in named.items()}
+    gen = torch.Generator().manual_seed(4)
+    raw = [{n: torch.randn(p.shape, generator=gen) for n, p in named.items()} for _ in range(2)]
+    opt = create_allora_optimizer(model, lr=lr, eta=eta, betas=betas, eps=eps, weight_decay=wd, apply_to="update")
+    assert opt.param_groups[0]["apply_to"] == "update"
+    for step_grads in raw:
+        for n, p in named.items():
+            p.grad = step_grads[n].clone()
+        opt.step()
+    for n, p in named.items():
+        q = start[n].clone()
+        m, v = torch.zeros_like(q), torch.zeros_like(q)
+        for t, grads in enumerate(raw, start=1):
+            g = grads[n]
+            c = torch.rsqrt(q.pow(2).sum(1, keepdim=True) + 1 / eta**2) if is_lora_param_name(n) else 1.0
+            m = betas[0] * m + (1 - betas[0]) * g
+            v = betas[1] * v + (1 - betas[1]) * g * g
+            adam = q * (1 - lr * wd) - lr * (m / (1 - betas[0] ** t)) / ((v / (1 - betas[1] ** t)).sqrt() + eps)
+            q = q + c * (adam - q)  # the row's whole AdamW step (update and weight decay) times c_i
+        torch.testing.assert_close(p.detach(), q, rtol=1e-5, atol=1e-6, msg=n)
+    # and it is not the gradient-scaling result
+    grad_model = lora_mlp()
+    grad_opt = create_allora_optimizer(grad_model, lr=lr, eta=eta, betas=betas, eps=eps, weight_decay=wd)
+    gnamed = {n: p for n, p in grad_model.named_parameters() if p.requires_grad}
+    for step_grads in raw:
+        for n, p in gnamed.items():
+            p.grad = step_grads[n].clone()
+        grad_opt.step()
+    lora_b = next(n for n in named if "lora_B" in n)
+    assert not torch.allclose(named[lora_b], gnamed[lora_b], rtol=1e-3, atol=1e-4)
+
+
+def test_apply_to_is_validated():
+    with pytest.raises(ValueError, match="apply_to"):
+        ALLoRA([nn.Parameter(torch.zeros(2, 2))], apply_to="weights")
+    with pytest.raises(ValueError, match="apply_to"):
+        create_allora_optimizer(lora_mlp(), lr=0.1, apply_to="both")

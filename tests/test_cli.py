@@ -206,3 +206,26 @@ def test_eval_reproduces_the_trained_metrics(tmp_path, capsys):
     assert cli.main(["eval", str(TINY), "--adapter", str(tmp_path / "adapter"), "--set", f"output_dir={tmp_path}"]) == 0
     table = [line for line in capsys.readouterr().out.splitlines() if " | " in line]
     assert [line.split("|")[0].strip() for line in table] == ["rank", "1", "2", "3", "4"]  # no baseline row
+
+
+def test_prompt_aware_recipe_pools_over_the_question_only(tmp_path):
+    """``peft-ext train`` with prompt-aware LoRA (WavLLM) hands ``prompt_mask=`` (the question tokens) to every call,
+    so the scale never sees the answer it is trained to produce, and the method's default ``no_prompt="error"``
+    never fires; generation passes the question as the prompt too."""
+    pytest.importorskip("reasoning_gym")
+    recipe = load_recipe(ROOT / "recipes" / "tiny_gsm.yaml", [
+        f"output_dir={tmp_path}", "evaluation.plot=false", "evaluation.baseline=false", "method.name=prompt_aware_lora",
+        "method.config={r: 4, lora_alpha: 8, target_modules: [q_proj, v_proj]}",
+    ])
+    from peft_ext.runner import _collator, load_data, load_tokenizer_and_model
+
+    tokenizer, _ = load_tokenizer_and_model(recipe)
+    train_set, _, _ = load_data(recipe, tokenizer)
+    batch = _collator(recipe, tokenizer)([train_set[i] for i in range(3)])
+    expected = batch["labels"].eq(-100) & batch["attention_mask"].bool()
+    assert torch.equal(batch["prompt_mask"], expected)
+    # every row has a question; rows cut at max_length may hold no answer tokens, but some do
+    assert batch["prompt_mask"].any(1).all() and (~batch["prompt_mask"] & batch["attention_mask"].bool()).any()
+    metrics = train(recipe, quiet=True)
+    assert metrics["peft_config"]["peft_type"] == "PROMPT_AWARE_LORA" and metrics["train_steps"] == 4
+    assert all(0.0 <= row["accuracy"] <= 1.0 for row in metrics["results"])

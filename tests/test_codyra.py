@@ -173,6 +173,58 @@ def test_threshold_schedule_matches_the_official_loop():
     assert ours[T - 1] == kappa
 
 
+def official_loop_taus(T, kappa, num, dense_fraction):
+    """τ after each iteration of the official train_model loop, written out (None where it does not threshold)."""
+    lambdas = np.linspace(0, kappa, num)
+    dense_iters = dense_fraction * T
+    step_len = int((T - dense_iters) // num)
+    threshold_id, threshold, taus = 0, lambdas[0], {}
+    for it in range(T):
+        if step_len > 0 and it >= dense_iters and it % step_len == 0:
+            threshold_id += 1
+            threshold = lambdas[min(num - 1, threshold_id)]
+        taus[it] = threshold if it > dense_iters else None
+    return taus
+
+
+@pytest.mark.parametrize(
+    "T, num, dense",
+    [
+        (1000, 50, 0.3),  # D = 300, step length 14: D is not a multiple of it (300 % 14 = 6)
+        (25, 5, 0.5),  # D = 12.5 (not an integer), step length 2
+        (60, 50, 0.5),  # step length 0: τ never leaves 0
+        (1000, 50, 0.5),  # D = 500, step length 10 divides D: official == paper after D
+    ],
+)
+def test_official_schedule_reproduces_the_official_timing(T, num, dense):
+    kappa = 7e-4
+    official = official_loop_taus(T, kappa, num, dense)
+    ours = {t: threshold_at(t, T, kappa, num, dense, schedule="official") for t in range(T)}
+    assert ours == official
+    paper = {t: threshold_at(t, T, kappa, num, dense) for t in range(T)}
+    same = all(paper[t] == official[t] for t in range(T) if official[t] is not None)
+    assert same == ((T, num, dense) == (1000, 50, 0.5))  # the paper schedule counts from D: it differs otherwise
+    if T == 60:
+        assert set(official.values()) == {None, 0.0}
+
+
+def test_config_schedule_drives_the_callback():
+    model, layer = codyra_mlp(schedule="official", max_kappa=0.4, num_thresholds=5, dense_fraction=0.3)
+    cb = CodyraThresholdCallback(model, max_steps=20)
+    taus = [cb.step() for _ in range(20)]
+    assert taus == [threshold_at(t, 20, 0.4, 5, 0.3, schedule="official") for t in range(20)]
+    # D = 6 and step length 2 divides it, but num_thresholds = 5 does not divide T − D = 14: the paper schedule
+    # spreads the 5 entries over the 14 steps, the official code moves every 2 steps
+    assert taus != [threshold_at(t, 20, 0.4, 5, 0.3) for t in range(20)]
+    assert CodyraThresholdCallback(model, max_steps=20, schedule="paper").threshold_at(19) == 0.4
+
+
+def test_callback_alias_matches_the_methods_catalogue_name():
+    from peft_ext.callbacks import CoDyRAThresholdCallback, CodyraThresholdCallback as Plain
+
+    assert CoDyRAThresholdCallback is Plain is CodyraThresholdCallback
+
+
 def test_callback_schedule_in_a_trainer_like_loop(mlp_inputs):
     """Events as transformers.Trainer sends them (on_optimizer_step before global_step += 1), with lr = 0 so only
     the callback changes g: dense steps leave g alone, then each step applies τ from linspace(0, κ, 5)."""
@@ -313,12 +365,15 @@ def test_increment_task_refuses_quantized_and_merged_bases(tmp_path):
     "kwargs, field",
     [
         ({"threshold_mode": "hard"}, r"CodyraConfig\.threshold_mode must be one of \('soft', 'official'\)"),
-        ({"max_kappa": -1.0}, r"CodyraConfig\.max_kappa must be a number >= 0"),
+        ({"max_kappa": -1.0}, r"CodyraConfig\.max_kappa must be a finite number >= 0"),
         ({"num_thresholds": 1}, r"CodyraConfig\.num_thresholds must be an integer >= 2"),
         ({"dense_fraction": 1.0}, r"CodyraConfig\.dense_fraction must be a number in \[0, 1\)"),
         ({"gate_init": "zeros"}, r"CodyraConfig\.gate_init must be one of"),
         ({"r": 0}, r"CodyraConfig\.r must be an integer >= 1"),
         ({"gate_seed": -1}, r"CodyraConfig\.gate_seed must be an integer >= 0"),
+        ({"max_kappa": float("inf")}, r"CodyraConfig\.max_kappa must be a finite number >= 0"),
+        ({"schedule": "linear"}, r"CodyraConfig\.schedule must be one of \('paper', 'official'\)"),
+        ({"init_weights": "no"}, r"CodyraConfig\.init_weights must be True or False"),
     ],
 )
 def test_bad_config_names_the_field(kwargs, field):

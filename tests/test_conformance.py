@@ -17,6 +17,8 @@ from peft import PeftModel, get_peft_model
 from conftest import (
     LLAMA_TARGETS,
     MLP_TARGETS,
+    call_kwargs,
+    conformance_config,
     make_config,
     method_params,
     randomize_adapter,
@@ -30,10 +32,10 @@ MERGE_TOL = 1e-5  # DESIGN.md: merged vs unmerged forward in fp32, relative
 
 
 def build(kind):
-    """(base model, target modules, forward function) for a model kind."""
+    """(base model, target modules, forward function) for a model kind; the forward passes per-call inputs on."""
     if kind == "llama":
-        return tiny_llama(), LLAMA_TARGETS, lambda m, x: m(input_ids=x).logits
-    return tiny_mlp(), MLP_TARGETS, lambda m, x: m(x)
+        return tiny_llama(), LLAMA_TARGETS, lambda m, x, **kw: m(input_ids=x, **kw).logits
+    return tiny_mlp(), MLP_TARGETS, lambda m, x, **kw: m(x, **kw)
 
 
 def inputs_for(kind, llama_inputs, mlp_inputs):
@@ -47,15 +49,31 @@ def adapter_param_names(model):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("spec", method_params())
 def test_forward_backward_only_adapter_params_train(spec, kind, llama_inputs, mlp_inputs):
+    """With the spec's routed call and auxiliary losses on: only adapter parameters get gradients, and with labels
+    ``outputs.loss`` is the causal-LM cross entropy plus ``aux_loss()`` (non-zero where conformance_kwargs turn it
+    on)."""
     base, targets, fwd = build(kind)
     x = inputs_for(kind, llama_inputs, mlp_inputs)
-    model = get_peft_model(base, make_config(spec, targets))
+    model = get_peft_model(base, conformance_config(spec, targets))
     randomize_adapter(model)
     model.train()
     trainable = adapter_param_names(model)
     assert trainable, "the adapter has no trainable parameters"
     assert all(spec.prefix in n for n in trainable), sorted(trainable)
-    fwd(model, x).float().pow(2).mean().backward()
+    call = call_kwargs(spec, x.shape if kind == "llama" else x.shape[:-1])
+    if kind == "mlp":
+        loss = fwd(model, x, **call).float().pow(2).mean()
+    else:
+        out = model(input_ids=x, labels=x, **call)
+        logits = out.logits.float()
+        task = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+        aux = model.base_model.aux_loss()
+        if model.base_model.has_aux_loss and spec.conformance_kwargs:
+            assert aux is not None and aux.abs().item() > 1e-6, "the auxiliary loss is off or zero"
+        # fp32 cross entropy over 22 tokens, summed in another order than transformers' loss: round-off ~1e-7
+        torch.testing.assert_close(out.loss, task + (aux if aux is not None else 0), rtol=1e-5, atol=1e-6)
+        loss = out.loss
+    loss.backward()
     for name, p in model.named_parameters():
         if name in trainable:
             assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
@@ -68,10 +86,11 @@ def test_forward_backward_only_adapter_params_train(spec, kind, llama_inputs, ml
 def test_init_leaves_base_output_unchanged(spec, kind, llama_inputs, mlp_inputs):
     base, targets, fwd = build(kind)
     x = inputs_for(kind, llama_inputs, mlp_inputs)
+    call = call_kwargs(spec, x.shape if kind == "llama" else x.shape[:-1])
     with torch.no_grad():
         expected = fwd(base, x)
-        model = get_peft_model(copy.deepcopy(base), make_config(spec, targets))
-        got = fwd(model, x)
+        model = get_peft_model(copy.deepcopy(base), conformance_config(spec, targets))
+        got = fwd(model, x, **call)
     if spec.identity_at_init:
         assert torch.equal(got, expected), f"max diff {(got - expected).abs().max().item()}"
     else:
@@ -119,58 +138,63 @@ def test_unmergeable_method_refuses_to_merge(spec):
 def test_several_adapters_and_disable(spec, kind, llama_inputs, mlp_inputs):
     base, targets, fwd = build(kind)
     x = inputs_for(kind, llama_inputs, mlp_inputs)
+    call = call_kwargs(spec, x.shape if kind == "llama" else x.shape[:-1])
     with torch.no_grad():
         base_out = fwd(base, x)
-    model = get_peft_model(copy.deepcopy(base), make_config(spec, targets))
+    model = get_peft_model(copy.deepcopy(base), conformance_config(spec, targets))
     randomize_adapter(model, seed=1)
-    model.add_adapter("other", make_config(spec, targets))
+    model.add_adapter("other", conformance_config(spec, targets))
     other_params = [p for n, p in model.named_parameters() if ".other." in n]
     assert other_params and not any(p.requires_grad for p in other_params), "an added adapter must start frozen"
     with torch.no_grad():
-        out_default = fwd(model, x)
+        out_default = fwd(model, x, **call)
         model.set_adapter("other")
         assert all(p.requires_grad for p in other_params)
         assert not any(p.requires_grad for n, p in model.named_parameters() if ".default." in n)
         for n, p in model.named_parameters():
             if ".other." in n:
                 p.copy_(torch.randn_like(p) * 0.1)
-        out_other = fwd(model, x)
+        out_other = fwd(model, x, **call)
         assert not torch.allclose(out_other, out_default)
         with model.disable_adapter():
-            assert torch.equal(fwd(model, x), base_out)
+            assert torch.equal(fwd(model, x, **call), base_out)
         model.set_adapter("default")
         model.delete_adapter("other")
         assert not any(".other." in n for n, _ in model.named_parameters())
-        assert torch.equal(fwd(model, x), out_default)
+        assert torch.equal(fwd(model, x, **call), out_default)
 
 
 @pytest.mark.parametrize("spec", method_params())
 def test_save_load_in_fresh_process_reproduces_logits(spec, tmp_path, llama_inputs):
     """Save in this process; load with PeftModel and AutoPeftModelForCausalLM in a new one that never imports
-    peft_ext (the autoload registers it). Same CPU, same ops: logits must be identical."""
+    peft_ext (the autoload registers it), and call both with the spec's routed inputs. Same CPU, same ops: logits
+    must be identical."""
     base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
     from transformers import LlamaForCausalLM
 
     tiny_llama().save_pretrained(base_dir)
     base = LlamaForCausalLM.from_pretrained(base_dir).eval()  # records base_model_name_or_path for the Auto class
-    model = get_peft_model(base, make_config(spec, LLAMA_TARGETS))
+    model = get_peft_model(base, conformance_config(spec, LLAMA_TARGETS))
     randomize_adapter(model)
     model.save_pretrained(adapter_dir)
+    call = call_kwargs(spec, llama_inputs.shape)
     with torch.no_grad():
-        expected = model(input_ids=llama_inputs).logits
-    torch.save(llama_inputs, tmp_path / "inputs.pt")
+        expected = model(input_ids=llama_inputs, **call).logits
+    torch.save({"x": llama_inputs, "call": call}, tmp_path / "inputs.pt")
     script = textwrap.dedent(
         f"""
         import json, sys, torch
         from peft import AutoPeftModelForCausalLM, PeftModel
         from transformers import LlamaForCausalLM
         assert "peft_ext" in sys.modules, "the autoload did not register peft-ext"
-        x = torch.load({str(tmp_path / 'inputs.pt')!r})
+        saved = torch.load({str(tmp_path / 'inputs.pt')!r})
+        x, call = saved["x"], saved["call"]
         base = LlamaForCausalLM.from_pretrained({str(base_dir)!r}).eval()
         a = PeftModel.from_pretrained(base, {str(adapter_dir)!r}).eval()
         b = AutoPeftModelForCausalLM.from_pretrained({str(adapter_dir)!r}).eval()
         with torch.no_grad():
-            torch.save({{"peft": a(input_ids=x).logits, "auto": b(input_ids=x).logits}}, {str(tmp_path / 'out.pt')!r})
+            out = {{"peft": a(input_ids=x, **call).logits, "auto": b(input_ids=x, **call).logits}}
+            torch.save(out, {str(tmp_path / 'out.pt')!r})
         print(json.dumps({{"type": type(a.peft_config["default"]).__name__}}))
         """
     )
@@ -185,13 +209,14 @@ def test_save_load_in_fresh_process_reproduces_logits(spec, tmp_path, llama_inpu
 
 @pytest.mark.parametrize("spec", method_params())
 def test_save_load_mlp_in_process(spec, tmp_path, mlp_inputs):
-    model = get_peft_model(tiny_mlp(), make_config(spec, MLP_TARGETS))
+    model = get_peft_model(tiny_mlp(), conformance_config(spec, MLP_TARGETS))
     randomize_adapter(model)
     model.save_pretrained(tmp_path)
+    call = call_kwargs(spec, mlp_inputs.shape[:-1])
     with torch.no_grad():
-        expected = model(mlp_inputs)
+        expected = model(mlp_inputs, **call)
         loaded = PeftModel.from_pretrained(tiny_mlp(), tmp_path)
-        assert torch.equal(loaded(mlp_inputs), expected)
+        assert torch.equal(loaded(mlp_inputs, **call), expected)
 
 
 @pytest.mark.parametrize("spec", method_params(lambda s: s.lora_convertible))
@@ -251,16 +276,17 @@ def quantization_bound(target: torch.Tensor, layer, bits: int) -> torch.Tensor:
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("spec", method_params(lambda s: s.quantizable))
 def test_bitsandbytes_base_layers(spec, bits, tiny_llama_dir, llama_inputs):
-    model = get_peft_model(quantized_llama(tiny_llama_dir, bits), make_config(spec, LLAMA_TARGETS))
+    model = get_peft_model(quantized_llama(tiny_llama_dir, bits), conformance_config(spec, LLAMA_TARGETS))
     layers = [m for m in model.modules() if isinstance(m, spec.model_cls.tuner_layer_cls)]
     assert layers and all(layer.quantization_backend is not None for layer in layers)
+    call = call_kwargs(spec, llama_inputs.shape)
     with torch.no_grad():  # a no-grad eval forward: would repack 4-bit weights on AVX512-BF16 CPUs
-        fresh = model(input_ids=llama_inputs).logits
+        fresh = model(input_ids=llama_inputs, **call).logits
         with model.disable_adapter():
-            assert torch.equal(model(input_ids=llama_inputs).logits, fresh) == spec.identity_at_init
+            assert torch.equal(model(input_ids=llama_inputs, **call).logits, fresh) == spec.identity_at_init
     randomize_adapter(model)
     model.train()
-    model(input_ids=llama_inputs, labels=llama_inputs).loss.backward()
+    model(input_ids=llama_inputs, labels=llama_inputs, **call).loss.backward()
     for name, p in model.named_parameters():
         if p.requires_grad:  # includes layer 0: gradients must cross every 4-bit layer above it
             assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
@@ -279,6 +305,14 @@ def test_bitsandbytes_base_layers(spec, bits, tiny_llama_dir, llama_inputs):
         target = before[id(layer)]
         err = (layer.get_base_weight() - target).abs()  # two roundings: merge, then unmerge
         assert (err <= 2 * quantization_bound(target + deltas[id(layer)], layer, bits) + 1e-6).all()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("spec", method_params(lambda s: not s.quantizable))
+def test_unquantizable_method_refuses_bitsandbytes_bases(spec, bits, tiny_llama_dir):
+    """Methods that rewrite the base weight while training (quantizable=False) refuse 4-bit and 8-bit bases."""
+    with pytest.raises(ValueError, match="quantized"):
+        get_peft_model(quantized_llama(tiny_llama_dir, bits), make_config(spec, LLAMA_TARGETS))
 
 
 @pytest.mark.parametrize("spec", method_params())

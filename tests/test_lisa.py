@@ -8,7 +8,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from conftest import tiny_llama_config
-from peft_ext.callbacks.lisa import LisaCallback, find_layers
+from peft_ext.callbacks.lisa import LisaCallback, find_layers, lisa_parameters
 
 L = 6
 
@@ -233,3 +233,112 @@ def test_bad_arguments():
         LisaCallback(llama6(), n_layers=7).step()
     with pytest.raises(ValueError):
         LisaCallback().step()
+
+
+# ---------------------------------------------------------------------------------------------- modes, optimizer
+
+
+def lora_llama6(seed=0):
+    return get_peft_model(llama6(seed), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+
+
+def is_lora(name):
+    return "lora_" in name
+
+
+OUTSIDE = ("embed_tokens", "model.norm", "lm_head")
+
+
+def test_mode_arguments():
+    with pytest.raises(ValueError, match="mode must be one of"):
+        LisaCallback(mode="partial")
+    with pytest.raises(ValueError, match="contradicts"):
+        LisaCallback(adapter_mode=True, mode="full")
+    assert LisaCallback(adapter_mode=False).mode == "full"
+    assert LisaCallback(adapter_mode=True, mode="adapter").mode == "adapter"
+    assert LisaCallback().mode is None  # resolved at set-up: adapter on PEFT models, full otherwise
+    with pytest.raises(ValueError, match="hybrid"):
+        LisaCallback(llama6(), mode="hybrid").step(0)  # no PEFT adapters: nothing to tell base from adapter
+    auto = LisaCallback(lora_llama6())
+    auto.step(0)
+    assert auto.mode == "adapter" and auto.adapter_mode is True
+
+
+def test_hybrid_mode_switches_base_of_sampled_and_lora_of_the_rest():
+    model = lora_llama6()
+    names = {p: n for n, p in model.named_parameters()}
+    candidates = lisa_parameters(model, mode="hybrid")
+    cand_names = {names[p] for p in candidates}
+    # every block parameter (base and LoRA) and the outside parameters, nothing else
+    assert cand_names == {n for n, _ in model.named_parameters() if block_of(n) is not None or
+                          any(k in n for k in OUTSIDE)}
+    assert all(not p.requires_grad for n, p in model.named_parameters() if not is_lora(n))  # not modified
+    opt = torch.optim.AdamW(candidates, lr=1e-3)
+    lisa = LisaCallback(model, n_layers=2, interval_steps=1, seed=0, mode="hybrid")
+    for step in range(4):
+        active = lisa.step(step, optimizer=opt)
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        expected = {n for n in cand_names if block_of(n) is None}
+        expected |= {n for n in cand_names if block_of(n) in active and not is_lora(n)}
+        expected |= {n for n in cand_names if block_of(n) not in active and block_of(n) is not None and is_lora(n)}
+        assert trainable == expected
+        opt.zero_grad()
+        model(**batch(step)).loss.backward()
+        opt.step()
+        assert {names[p] for p in opt.state} == expected  # reset_state: only what trained this step
+    assert len({tuple(a) for _, a in lisa.history}) > 1
+
+
+def test_optimizer_missing_switched_parameters_raises():
+    # full mode on a PEFT model switches base weights on; an optimizer over the LoRA weights would never update them
+    model = lora_llama6()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    lisa = LisaCallback(model, n_layers=2, interval_steps=1, mode="full")
+    with pytest.raises(ValueError, match="not in the optimizer"):
+        lisa.step(0, optimizer=opt)
+    # hybrid: the same optimizer misses the base weights and the embeddings
+    with pytest.raises(ValueError, match=r"lisa_parameters"):
+        LisaCallback(model, n_layers=2, mode="hybrid").step(0, optimizer=opt)
+    # over lisa_parameters the check passes
+    ok = torch.optim.AdamW(lisa_parameters(model, mode="full"), lr=1e-3)
+    assert len(LisaCallback(model, n_layers=2, mode="full").step(0, optimizer=ok)) == 2
+
+
+def test_ddp_without_find_unused_parameters_raises():
+    from types import SimpleNamespace
+
+    lisa = LisaCallback(llama6())
+    with pytest.raises(ValueError, match="ddp_find_unused_parameters"):
+        lisa.on_train_begin(SimpleNamespace(world_size=2, ddp_find_unused_parameters=False), None, None)
+    lisa.on_train_begin(SimpleNamespace(world_size=2, ddp_find_unused_parameters=None), None, None)
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "full"])
+def test_trainer_default_optimizer_holds_every_candidate(tmp_path, mode):
+    """Out of the box with Trainer: the callback makes every candidate trainable before the optimizer is built."""
+    from transformers import Trainer, TrainingArguments
+
+    model = lora_llama6()
+    names = {p: n for n, p in model.named_parameters()}
+    candidates = {names[p] for p in lisa_parameters(model, mode=mode)}
+    data = [{k: v[0] for k, v in batch(i).items()} for i in range(24)]
+    lisa = LisaCallback(n_layers=2, interval_steps=2, seed=1, mode=mode)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=2,
+                             learning_rate=1e-3, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[lisa])
+    trainer.train()
+    opt = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+    assert {names[p] for g in opt.param_groups for p in g["params"]} == candidates
+    sampled_ever = {i for _, a in lisa.history for i in a}
+    unsampled_ever = {i for _, a in lisa.history for i in range(L) if i not in a}
+    assert [s for s, _ in lisa.history] == [0, 2, 4] and sampled_ever != set(range(L))
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    for i in range(L):
+        base = {n for n in candidates if block_of(n) == i and not is_lora(n)}  # linear weights and block norms
+        lora_b = {n for n in candidates if block_of(n) == i and "lora_B" in n}  # zero at init: any update shows
+        # base weights move exactly in the blocks ever sampled; LoRA in those ever unsampled (hybrid) / sampled (full)
+        assert (base <= changed) if i in sampled_ever else not (base & changed), (i, mode)
+        lora_trained = i in (unsampled_ever if mode == "hybrid" else sampled_ever)
+        assert (lora_b <= changed) if lora_trained else not (lora_b & changed), (i, mode)
+    assert {n for n in changed if block_of(n) is None} == {n for n in candidates if block_of(n) is None}

@@ -129,6 +129,49 @@ def test_sb_init_is_the_best_rank_r_approximation_of_the_sign_update(niter):
     assert model.peft_config["default"].init == "gradient"
 
 
+def test_sb_init_is_one_real_adam_step_of_the_full_model_projected_to_rank_r():
+    """LoRA-SB's premise: with s = 1 the initial s·B R A is the best rank-r approximation of the first update of full
+    fine-tuning. Oracle: a real first step of the full base model with torch.optim.Adam at lr_eff; Adam's first update
+    is -lr_eff·g/(|g| + eps) (bias corrections cancel), i.e. -lr_eff·sign(g) up to the eps term."""
+    gen = torch.Generator().manual_seed(0)
+    batch = {"x": torch.randn(8, 64, generator=gen), "labels": torch.randint(0, 4, (8,), generator=gen)}
+
+    def loss_fn(model, b):
+        return nn.functional.cross_entropy(model(b["x"]), b["labels"], reduction="sum")
+
+    lr, warmup_ratio, total_steps, r = 1e-2, 0.1, 10, 6
+    lr_eff = lr / (warmup_ratio * total_steps)  # 1e-2: a large step keeps the float32 read-back W₁ − W₀ accurate
+    base = tiny_mlp()
+    model = get_peft_model(copy.deepcopy(base), LoraSBConfig(r=r, svd_niter=None, target_modules=MLP_TARGETS))
+    lora_sb_init(model, [batch], num_samples=8, lr=lr, warmup_ratio=warmup_ratio, total_steps=total_steps,
+                 loss_fn=loss_fn)
+    for eps in (1e-12, 1e-8):
+        full = copy.deepcopy(base).train()
+        weights = [getattr(full, n).weight for n in MLP_TARGETS]
+        before = [w.detach().clone() for w in weights]
+        opt = torch.optim.Adam(weights, lr=lr_eff, eps=eps)
+        (loss_fn(full, batch) / 8).backward()  # the estimator's loss / batch size on one batch of 8
+        grads = [w.grad.clone() for w in weights]
+        opt.step()
+        for w, w0, g, layer in zip(weights, before, grads, lora_sb_layers(model)):
+            real = (w.detach() - w0).double()
+            best = best_rank_r(real, r)
+            got = layer.get_delta_weight("default").double()
+            if eps == 1e-12:
+                # eps moves entries by <= eps/min|g| ~ 3e-6 of a step (min nonzero |g| ~ 4e-7 here): negligible.
+                # Left: the float32 read-back of W₁ − W₀ (<= ulp(0.125)/2 = 7.5e-7 of a step) and float32 factors,
+                # amplified by the rank-r truncation's gap factor σ_r/(σ_r − σ_r+1) (10–35 here); measured ~2e-6.
+                assert rel_err(got, best) <= 1e-5
+            else:
+                # Adam's default eps moves entries with |g| ~ 1e-7 by up to eps/|g| ≈ 3% of a step, which the flat
+                # spectrum amplifies elementwise; the Eckart–Young bound holds regardless: s·BRA = [Δ_sign]_r gives
+                # ‖Δ − s·BRA‖ <= ‖Δ − [Δ]_r‖ + 2‖Δ − Δ_sign‖ (1e-6 relative margin for float32 rounding).
+                sign = -lr_eff * torch.sign(g).double()
+                bound = (real - best).norm() + 2 * (real - sign).norm() + 1e-6 * real.norm()
+                assert (real - got).norm() <= bound
+                assert (real - sign).abs().max() > 1e-3 * lr_eff  # the eps term is visible at this eps
+
+
 def test_sb_bfloat16_factors_match_the_official_rounding():
     gen = torch.Generator().manual_seed(5)
     grads = {name: torch.randn(64, 64, generator=gen) for name in MLP_TARGETS}
@@ -349,6 +392,9 @@ def test_quantized_base_rejects_gradient_estimation_but_accepts_grads(tmp_path):
         ({"r_init_std": -0.1}, "r_init_std"),
         ({"seed": -1}, "seed"),
         ({"compensate": "yes"}, "compensate"),
+        ({"init_weights": "no"}, "init_weights"),
+        ({"lora_alpha": float("inf")}, "lora_alpha"),
+        ({"r_init_std": float("inf")}, "r_init_std"),
     ],
 )
 def test_bad_config_values_name_the_field(kwargs, field):

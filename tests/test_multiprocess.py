@@ -1,9 +1,12 @@
 """Data-parallel training with two CPU processes over gloo (torchrun / accelerate launch), about a minute in all.
 
 ``tests/ddp_worker.py`` trains a tiny random Llama with DyLoRA (+ ``DyLoraRankSampler``), NOLA, or MoLA (whose
-load-balancing loss the tuner adds to ``outputs.loss``), and ``LisaCallback`` in adapter mode, through ``transformers.Trainer``; the tests check that both ranks end with the same adapter, followed
-the same rank and layer schedules, and that the gradients really were averaged across the ranks. The command line is
-checked under ``torchrun`` and ``accelerate launch``: one process writes one adapter folder.
+load-balancing loss the tuner adds to ``outputs.loss``), and ``LisaCallback`` in adapter mode, through
+``transformers.Trainer``; or (``lisa_full``) the plain model with full-parameter LISA, whose frozen blocks DDP must
+tolerate (``find_unused_parameters``, on by default in the Trainer). The tests check that both ranks end with the
+same weights, followed the same rank and layer schedules, and that the gradients really were averaged across the
+ranks. The command line is checked under ``torchrun`` and ``accelerate launch``: one process writes one adapter
+folder.
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ def block_of(name: str):
     return int(parts[parts.index("layers") + 1]) if "layers" in parts else None
 
 
-@pytest.fixture(scope="module", params=["dylora", "nola", "mola"])
+@pytest.fixture(scope="module", params=["dylora", "nola", "mola", "lisa_full"])
 def ddp_run(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"ddp-{request.param}")
     run(torchrun(WORKER, "--method", request.param, "--out", out))
@@ -94,6 +97,7 @@ def test_both_ranks_end_with_identical_trained_weights(ddp_run):
     for rec in ddp_run["records"]:
         assert rec["world_size"] == 2 and rec["wrapper"] == "DistributedDataParallel"
         assert rec["global_step"] == ddp_worker.STEPS
+        assert rec["find_unused_parameters"] is True  # what lets DDP run with LISA's frozen blocks
     init0, init1 = ddp_run["init"]
     final0, final1 = ddp_run["final"]
     assert init0.keys() == init1.keys() == final0.keys() == final1.keys() and len(final0) > 0
@@ -102,12 +106,16 @@ def test_both_ranks_end_with_identical_trained_weights(ddp_run):
         assert torch.equal(final0[name], final1[name]), f"{name}: the ranks ended with different weights"
     changed = {name for name in final0 if not torch.equal(final0[name], init0[name])}
     assert changed, "training changed no adapter weight"
-    # LISA (adapter mode): only adapters of blocks it activated may change; blocks never activated keep their init
+    # LISA: only blocks it activated may change; blocks never activated keep their init. Outside the blocks: nothing
+    # trains in adapter mode; embeddings, final norm and LM head always train in full mode.
     active = {layer for _, layers in ddp_run["records"][0]["lisa_history"] for layer in layers}
-    assert {block_of(name) for name in changed} <= active
-    assert {block_of(name) for name in changed} & active
+    assert active != set(range(ddp_worker.LAYERS)), "every block was active: the never-active check tests nothing"
+    changed_blocks = {block_of(name) for name in changed} - {None}
+    assert changed_blocks <= active and changed_blocks
     for name in final0:
-        if block_of(name) not in active:
+        if block_of(name) is None:
+            assert (name in changed) == (ddp_run["method"] == "lisa_full"), name
+        elif block_of(name) not in active:
             assert torch.equal(final0[name], init0[name]), f"{name} changed though its block was never active"
 
 
@@ -122,7 +130,8 @@ def test_both_ranks_follow_the_same_rank_and_layer_schedules(ddp_run):
     assert rec0["lisa_history"] == rec1["lisa_history"]
     # the schedules are the callbacks' own functions of (seed, step)
     model = ddp_worker.build_model(ddp_run["method"])
-    lisa = LisaCallback(model, n_layers=1, interval_steps=2, seed=ddp_worker.SCHEDULE_SEED, adapter_mode=True)
+    lisa = LisaCallback(model, n_layers=1, interval_steps=2, seed=ddp_worker.SCHEDULE_SEED,
+                        mode=ddp_worker.lisa_mode(ddp_run["method"]))
     expected = [[step, lisa.sample(step // 2)] for step in range(0, ddp_worker.STEPS, 2)]
     assert rec0["lisa_history"] == expected
     assert [s["lisa"] for s in rec0["steps"]] == [lisa.sample(k // 2) for k in range(ddp_worker.STEPS)]
@@ -155,7 +164,8 @@ def test_gradients_are_averaged_across_ranks(ddp_run):
     model = ddp_worker.build_model(ddp_run["method"]).train()
     if ddp_run["method"] == "dylora":
         DyLoraRankSampler(model, seed=ddp_worker.SCHEDULE_SEED).step(0)
-    LisaCallback(model, n_layers=1, interval_steps=2, seed=ddp_worker.SCHEDULE_SEED, adapter_mode=True).step(0)
+    LisaCallback(model, n_layers=1, interval_steps=2, seed=ddp_worker.SCHEDULE_SEED,
+                 mode=ddp_worker.lisa_mode(ddp_run["method"])).step(0)
     local = []
     for rec in (rec0, rec1):
         ids = torch.tensor(rec["steps"][0]["batch"])

@@ -201,8 +201,9 @@ def test_gate_scorer_runs_once_per_generate_call_on_the_prompt(llama_inputs):
 
 
 # ------------------------------------------------------------------------------------------ orthogonality loss
-def oracle(model, snapshots, prev_model_A=None, reduction="block_mean"):
-    """Σ_modules Σ_j ‖A_j A_curᵀ‖_F², reduced, from independent copies of the earlier A matrices."""
+def oracle(model, snapshots, prev_model_A=None, reduction="block_mean", num_layers=2):
+    """Σ_modules Σ_j ‖A_j A_curᵀ‖_F², reduced, from independent copies of the earlier A matrices; block_mean divides
+    by every decoder layer of the model (num_layers; the tiny Llama has 2), as the official code."""
     total, names = 0.0, []
     for name, layer in named_layers(model).items():
         A = layer.o3_lora_down["default"].weight.detach().double()
@@ -210,7 +211,7 @@ def oracle(model, snapshots, prev_model_A=None, reduction="block_mean"):
         total += sum(((P @ A.T) ** 2).sum().item() for P in earlier)
         names.append(name)
     if reduction == "block_mean":
-        return total / len({block_key(n) for n in names})
+        return total / num_layers
     return total / len(names) if reduction == "module_mean" else total
 
 
@@ -233,6 +234,27 @@ def test_orthogonality_loss_matches_the_formula(reduction):
     # Llama: 2 blocks x (q, v, down); the block mean is the official reduction (sum per block / number of blocks).
     assert len(named_layers(model)) == 6 and len({block_key(n) for n in named_layers(model)}) == 2
     assert got == pytest.approx(oracle(model, snaps, reduction=reduction), rel=1e-5)
+
+
+def test_block_mean_divides_by_every_decoder_layer_with_layers_to_transform():
+    """The official loss sums the per-layer terms and divides by every decoder layer, adapted or not (the paper is
+    silent): adapting only layer 1 of the 2-layer tiny Llama halves the loss against a per-adapted-block mean."""
+    model = get_peft_model(
+        tiny_llama(),
+        O3LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS, layers_to_transform=[1], layers_pattern="layers"),
+    )
+    randomize_adapter(model)
+    assert {block_key(n) for n in named_layers(model)} == {"model.layers.1"}
+    snaps = [current_A(model)]
+    snapshot_request(model)
+    randomize_adapter(model, seed=2)
+    assert model.base_model.orth_block_count("default") == model.config.num_hidden_layers == 2
+    got = orthogonality_loss(model).item()
+    summed = oracle(model, snaps, reduction="sum")
+    assert got == pytest.approx(summed / 2, rel=1e-5) and got != pytest.approx(summed, rel=1e-3)
+    # without a layer count (a plain nn.Module) the adapted blocks are the divisor: lin0 and lin1 are two blocks
+    mlp = get_peft_model(tiny_mlp(), O3LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["lin0", "lin1"]))
+    assert mlp.base_model.orth_block_count("default") == 2
 
 
 def test_orthogonality_loss_is_zero_for_orthogonal_factors():
@@ -393,6 +415,8 @@ def test_lora_factors_and_delta_weight():
         ({"prev_adapters": [1]}, r"O3LoraConfig.prev_adapters must be a list of adapter names"),
         ({"snapshot_ranks": [0]}, r"O3LoraConfig.snapshot_ranks must be a list of integers >= 1"),
         ({"r": 0}, r"O3LoraConfig.r must be an integer >= 1"),
+        ({"lora_alpha": float("inf")}, r"O3LoraConfig.lora_alpha must be a finite number > 0"),
+        ({"init_weights": "no"}, r"O3LoraConfig.init_weights must be True or False"),
     ],
 )
 def test_bad_config_names_the_field(kwargs, match):
@@ -464,3 +488,22 @@ def test_trainer_run_reduces_the_orthogonality_loss(tmp_path):
     assert end0 > 0.8 * start0, (start0, end0)
     assert training_loss > training_loss0  # the reported loss includes the orthogonality term
     assert all(torch.isfinite(layer.o3_lora_snapshots["default"]).all() for layer in o3_layers(model))
+
+
+def test_per_sample_gate_follows_beam_expansion_in_generate():
+    """``generate(num_beams=2, num_return_sequences=2)`` repeats each sample; a ``[batch]`` ``ood_weight`` is repeated
+    with it, so the sample gated to 0 generates exactly what the base model generates and the other does not."""
+    from conftest import tiny_llama
+
+    model = get_peft_model(tiny_llama(), O3LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_weights=False))
+    model.eval()
+    torch.manual_seed(0)
+    ids = torch.randint(0, 128, (2, 5))
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, num_beams=2,
+                  num_return_sequences=2, pad_token_id=0)
+    out = model.generate(ood_weight=torch.tensor([0.0, 1.0]), **kwargs)
+    with model.disable_adapter():
+        base = model.generate(**kwargs)
+    assert out.shape == base.shape == (4, 9)
+    assert torch.equal(out[:2], base[:2])
+    assert not torch.equal(out[2:], base[2:])

@@ -417,3 +417,100 @@ def test_load_config_is_strict(tmp_path, text, match):
     path.write_text(text)
     with pytest.raises(ValueError, match=match):
         load_config(path)
+
+
+def test_mola_preset_names_follow_the_paper():
+    """MoLA-▽ ("inverted triangle", the paper's best: most experts in the top layers) is mola_inverted_triangle.yaml,
+    MoLA-△ ("triangle") is mola_triangle.yaml; built on a 4-layer Llama, layer i gets the i-th count."""
+    from peft_ext.tuners.mola import experts_per_layer
+
+    root = CONFIGS[0].parent
+    assert not (root / "mola_inverted.yaml").exists()  # the old, swapped name is gone
+    for name, counts in (("mola_inverted_triangle.yaml", [2, 4, 6, 8]), ("mola_triangle.yaml", [8, 6, 4, 2])):
+        config = load_config(root / name)
+        model = get_peft_model(tiny_llama_layers(4), config)
+        assert experts_per_layer(model) == dict(enumerate(counts)), name
+        header = "".join((root / name).read_text().split("\n")[:2])
+        assert ("MoLA-▽" if counts[0] < counts[-1] else "MoLA-△") in header, name
+
+
+def tiny_mixtral(seed: int = 0):
+    """A tiny random Mixtral (hidden 64, 2 layers, 4 experts, top-2) with transformers-v5 fused experts."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                           max_position_embeddings=64)
+    torch.manual_seed(seed)
+    return MixtralForCausalLM(config).eval()
+
+
+def test_uni_moe_preset_puts_lora_on_every_expert_of_a_moe_base(llama_inputs):
+    """Uni-MoE (METHODS §10.9): plain LoRA on the attention and on each existing expert (fused 3-D parameters through
+    target_parameters), routing by the base model's gates; only LoRA parameters train."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    root = CONFIGS[0].parent
+    config = load_config(root / "uni_moe.yaml")
+    assert type(config) is LoraConfig and (config.r, config.lora_alpha, config.lora_dropout) == (8, 16, 0.0)
+    base = tiny_mixtral()
+    n_experts, _, d_in = base.model.layers[0].mlp.experts.gate_up_proj.shape  # [E, 2·I, d]
+    with torch.no_grad():
+        expected = base(input_ids=llama_inputs).logits
+    model = get_peft_model(base, config)
+    wrapped = {(n.split(".mlp.")[0], m.parameter_name) for n, m in model.named_modules() if isinstance(m, ParamWrapper)}
+    layers = {f"base_model.model.model.layers.{i}" for i in range(2)}
+    assert wrapped == {(layer, p) for layer in layers for p in ("gate_up_proj", "down_proj")}
+    for m in model.modules():
+        if isinstance(m, ParamWrapper) and m.parameter_name == "gate_up_proj":
+            assert m.lora_A["default"].weight.shape == (n_experts * 8, d_in)  # one rank-8 LoRA per expert
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=llama_inputs).logits, expected)  # B = 0: the base model exactly
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable), sorted(trainable)
+    assert any("experts" in n for n in trainable) and any("self_attn.q_proj" in n for n in trainable)
+    randomize_adapter(model, std=0.05)
+    model.train()
+    model(input_ids=llama_inputs, labels=llama_inputs).loss.backward()
+    for name, p in model.named_parameters():
+        if name in trainable:
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
+        else:
+            assert p.grad is None, f"frozen parameter {name} received a gradient"
+    with torch.no_grad():
+        model.eval()
+        moved = (model(input_ids=llama_inputs).logits - expected).abs().max()
+        with model.disable_adapter():
+            assert torch.equal(model(input_ids=llama_inputs).logits, expected)
+    assert moved > 1e-4  # the expert LoRAs change the output
+
+
+def test_uni_moe_dense_is_the_mola_analogue_and_says_so():
+    root = CONFIGS[0].parent
+    config = load_config(root / "uni_moe_dense.yaml")
+    assert type(config).__name__ == "MolaConfig" and config.num_experts == 4 and config.top_k == 2
+    assert "DEVIATION" in (root / "uni_moe_dense.yaml").read_text()
+
+
+@pytest.mark.parametrize(
+    "text,field",
+    [
+        ("method: lora_mixer\nconfig: {temperature: .inf}\n", "LoraMixerConfig.temperature"),
+        ("method: prompt_aware_lora\nconfig: {clamp: .inf}\n", "PromptAwareLoraConfig.clamp"),
+        ("method: prompt_aware_lora\nconfig: {init_scale: 'yes'}\n", "PromptAwareLoraConfig.init_scale"),
+    ],
+)
+def test_yaml_infinities_and_non_bools_are_refused(tmp_path, text, field):
+    """YAML spells infinity `.inf`; such values (and strings for bool fields) raise an error naming the field."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=rf"{field} must be"):
+        load_config(path)
+
+
+def test_tara_header_names_the_real_aux_loss_api():
+    from peft_ext.tuners._shared.base import ExtModel
+
+    text = (CONFIGS[0].parent / "tara.yaml").read_text()
+    assert "model.base_model.aux_loss()" in text and "labels" in text
+    assert callable(ExtModel.aux_loss)

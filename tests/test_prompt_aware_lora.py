@@ -184,6 +184,50 @@ def test_prompt_mask_errors_name_the_argument(llama_inputs):
         model(llama_inputs, prompt_mask=torch.zeros(2, 12, dtype=torch.bool))
 
 
+def test_default_refuses_a_stage_2_call_without_prompt_mask(llama_inputs):
+    """no_prompt='error' (default): no silent pooling over the whole input, in training or in eval."""
+    model = pa_model()
+    assert model.peft_config["default"].no_prompt == "error"
+    model.train()
+    with pytest.raises(ValueError, match=r"no prompt_mask=.*'fixed'.*'whole_input'"):
+        model(llama_inputs, labels=llama_inputs)
+    model.eval()
+    with torch.no_grad(), pytest.raises(ValueError, match="prompt_mask="):
+        model(llama_inputs)
+    set_stage(model, 1)  # stage 1 is plain LoRA: nothing to pool, no error
+    with torch.no_grad():
+        model(llama_inputs)
+
+
+def future_changed(ids, start):
+    """``ids`` with every token from position ``start`` on replaced (each one differs from the original)."""
+    changed = ids.clone()
+    changed[:, start:] = (ids[:, start:] + 1 + torch.arange(ids.shape[1] - start)) % 128
+    assert (changed[:, start:] != ids[:, start:]).all()
+    return changed
+
+
+@pytest.mark.parametrize("cut", [4, 8])
+def test_with_a_prompt_mask_future_tokens_never_change_earlier_logits(llama_inputs, cut):
+    """The default path (prompt_mask on the leading instruction tokens 0..2) is causal: the logits of positions before
+    ``cut`` do not move when the tokens from ``cut`` on change. 'whole_input' (opt-in) moves them: the label leak."""
+    mask = torch.zeros(2, 12, dtype=torch.bool)
+    mask[:, :3] = True
+    changed = future_changed(llama_inputs, cut)
+    model = pa_model()
+    model.train()  # dropout is 0, so train mode is deterministic; the path a training step takes
+    with torch.no_grad():
+        before = model(llama_inputs, prompt_mask=mask).logits
+        after = model(changed, prompt_mask=mask).logits
+    torch.testing.assert_close(after[:, :cut], before[:, :cut], rtol=0, atol=1e-6)
+    assert (after[:, cut:] - before[:, cut:]).abs().max() > 1e-3  # the change is real
+
+    leaky = pa_model(no_prompt="whole_input")
+    with torch.no_grad():
+        leak = (leaky(changed).logits[:, :cut] - leaky(llama_inputs).logits[:, :cut]).abs().max()
+    assert leak > 1e-4, leak  # documented non-causality, 100x the tolerance above
+
+
 def test_merge_refused_in_stage_2_allowed_in_stage_1(llama_inputs):
     model = pa_model()
     with pytest.raises(ValueError, match="cannot be merged"):
@@ -213,7 +257,9 @@ def test_save_load_reproduces_prompted_logits_and_stage(tmp_path, llama_inputs):
 @pytest.mark.parametrize(
     "kwargs, field",
     [({"scale_mode": "width"}, "scale_mode"), ({"stage": 3}, "stage"), ({"clamp": 0}, "clamp"),
-     ({"no_prompt": "none"}, "no_prompt"), ({"hidden_size": 0}, "hidden_size")],
+     ({"no_prompt": "none"}, "no_prompt"), ({"hidden_size": 0}, "hidden_size"),
+     ({"freeze_lora_in_stage2": "yes"}, "freeze_lora_in_stage2"), ({"init_scale": 3}, "init_scale"),
+     ({"clamp": float("inf")}, "clamp"), ({"lora_alpha": float("inf")}, "lora_alpha")],
 )
 def test_config_errors_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"PromptAwareLoraConfig.{field} must be"):

@@ -4,6 +4,13 @@ and config errors."""
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -163,6 +170,100 @@ def test_bias_update_is_sign_rule_on_the_accumulated_load_and_resets():
     SmoraBiasCallback(model).on_optimizer_step(None, None, None)
     torch.testing.assert_close(layer.smora_bias["default"], before + 0.1 * torch.sign(load.mean() - load))
     assert layer.load_tokens["default"] == 0  # reset for the next step
+
+
+def test_bias_update_all_reduces_the_load_when_distributed(monkeypatch):
+    """Under torch.distributed the counts of all ranks are summed (one all-reduce) before the sign rule. The fake
+    all_reduce adds a second rank's counts that reverse the local imbalance, so the update must follow the sum."""
+    import torch.distributed as dist
+
+    model, layer = smora_mlp(top_k=2, bias_update_rate=0.1)
+    model.train()
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        model(x)
+    local, n_local = layer.load_sum["default"].clone(), layer.load_tokens["default"]
+    other = 2 * local.max() - local + torch.arange(R)  # the other rank's counts: the local ranking reversed
+    n_other = 10
+    calls = []
+
+    def fake_all_reduce(tensor, op=None, **kwargs):
+        calls.append((tensor.dtype, op))
+        tensor.add_(torch.cat([other, torch.tensor([float(n_other)])]).to(tensor))
+
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "all_reduce", fake_all_reduce)
+    used = update_smora_bias(model)
+    assert calls == [(torch.float64, dist.ReduceOp.SUM)]  # one collective for all layers
+    load = (local + other) / (n_local + n_other)
+    torch.testing.assert_close(used["base_model.model.lin0.default"], load, rtol=1e-6, atol=0)
+    expected = 0.1 * torch.sign(load.mean() - load)
+    local_rule = 0.1 * torch.sign(local.mean() - local)
+    assert not torch.equal(expected, local_rule)  # a rank-local update would differ
+    assert torch.equal(layer.smora_bias["default"], expected)
+    assert layer.load_tokens["default"] == 0
+
+
+DDP_WORKER = textwrap.dedent(
+    """
+    import sys
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+    from peft import get_peft_model
+    from peft_ext.tuners.smora import SmoraConfig, update_smora_bias
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = get_peft_model(nn.Sequential(nn.Linear(16, 16)),
+                           SmoraConfig(r=8, top_k=2, bias_update_rate=0.1, target_modules=["0"]))
+    layer = model.base_model.model[0]
+    gen = torch.Generator().manual_seed(1)
+    xs = [torch.randn(40, 16, generator=gen) * 3 for _ in range(2)]  # rank i trains on xs[i]
+    model.train()
+    with torch.no_grad():
+        model(xs[rank])
+        masks = [layer.gates("default", x)[1] for x in xs]
+    update_smora_bias(model)
+    torch.save({"bias": layer.smora_bias["default"].clone(), "masks": masks}, f"{sys.argv[1]}/rank{rank}.pt")
+    dist.destroy_process_group()
+    """
+)
+
+
+@pytest.mark.skipif(
+    not (torch.distributed.is_available() and torch.distributed.is_gloo_available()), reason="no gloo backend"
+)
+def test_two_gloo_ranks_apply_the_same_bias_update_from_the_global_load(tmp_path):
+    """Two CPU processes under torchrun (~10 s): each sees a different batch, both end with the bias of the summed
+    load; each rank's own load would give different updates."""
+    script = tmp_path / "smora_ddp_worker.py"
+    script.write_text(DDP_WORKER)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    if os.path.exists("/sys/class/net/lo"):
+        env["GLOO_SOCKET_IFNAME"] = "lo"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+           "--master_addr", "127.0.0.1", "--master_port", str(port), str(script), str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{i}.pt") for i in range(2)]
+    masks = ranks[0]["masks"]
+    assert all(torch.equal(a, b) for a, b in zip(masks, ranks[1]["masks"]))  # same model on both ranks
+    load = torch.cat(masks).mean(0)
+    expected = 0.1 * torch.sign(load.mean() - load)
+    for i, rank in enumerate(ranks):
+        assert torch.equal(rank["bias"], expected), i
+        own = masks[i].mean(0)
+        assert not torch.equal(0.1 * torch.sign(own.mean() - own), expected)  # the rank-local rule would drift
 
 
 def test_callback_runs_under_trainer_events_and_takes_the_model_from_the_trainer():

@@ -9,10 +9,12 @@ import importlib
 
 _MODULES = {
     "CodyraThresholdCallback": "codyra",
+    "CoDyRAThresholdCallback": "codyra",  # the name METHODS.md §5.4 uses; an alias of CodyraThresholdCallback
     "DyLoraRankSampler": "dylora",
     "LisaCallback": "lisa",
     "SmoraBiasCallback": "smora",
     "SwitchLoraCallback": "switchlora",
+    "lisa_parameters": "lisa",  # the parameters a LisaCallback can switch on, for a hand-built optimizer
 }
 
 __all__ = sorted(_MODULES)

@@ -28,15 +28,17 @@ class CodyraThresholdCallback(TrainerCallback):
     max_steps=T)`` and ``cb.step()`` right after each ``optimizer.step()`` (or ``cb.step(global_step, max_steps)``).
 
     The schedule (``peft_ext.tuners.codyra.threshold_at``): the first ``⌊dense_fraction·T⌋`` steps are dense, then τ
-    walks ``linspace(0, max_kappa, num_thresholds)``; τ is not scaled by the learning rate. Each layer thresholds in
-    its adapter's ``threshold_mode`` ('soft' = the paper's proximal step, 'official' = the official code's update).
+    walks ``linspace(0, max_kappa, num_thresholds)``; τ is not scaled by the learning rate. ``schedule="official"``
+    (config or override) uses the official loop's timing instead (``official_threshold_at``). Each layer thresholds
+    in its adapter's ``threshold_mode`` ('soft' = the paper's proximal step, 'official' = the official code's
+    update). ``CoDyRAThresholdCallback`` (the name METHODS.md uses) is the same class.
 
     Args:
         model: the model holding CoDyRA layers; taken from the Trainer when omitted.
         seed: accepted for the common ``cls(model=..., seed=...)`` constructor; the schedule is deterministic.
         adapter_name: the CoDyRA adapter to prune (default: each layer's active adapters).
         max_steps: run length T for ``step()`` without ``max_steps``; the Trainer's ``state.max_steps`` otherwise.
-        max_kappa, num_thresholds, dense_fraction, threshold_mode: override the adapter config's values.
+        max_kappa, num_thresholds, dense_fraction, schedule, threshold_mode: override the adapter config's values.
     """
 
     def __init__(
@@ -49,12 +51,14 @@ class CodyraThresholdCallback(TrainerCallback):
         num_thresholds: Optional[int] = None,
         dense_fraction: Optional[float] = None,
         threshold_mode: Optional[str] = None,
+        schedule: Optional[str] = None,
     ):
         if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
             raise bad_value(self, "max_steps", max_steps, "an integer >= 1 or None")
         if threshold_mode is not None and threshold_mode not in THRESHOLD_MODES:
             raise bad_value(self, "threshold_mode", threshold_mode, f"one of {THRESHOLD_MODES} or None")
-        overrides = {"max_kappa": max_kappa, "num_thresholds": num_thresholds, "dense_fraction": dense_fraction}
+        overrides = {"max_kappa": max_kappa, "num_thresholds": num_thresholds, "dense_fraction": dense_fraction,
+                     "schedule": schedule}
         # validate the overrides with the config's own checks (errors name CodyraConfig's field)
         CodyraConfig(**{k: v for k, v in overrides.items() if v is not None})
         self.model = model
@@ -67,7 +71,8 @@ class CodyraThresholdCallback(TrainerCallback):
         self.last_threshold: Optional[float] = None
 
     def schedule(self) -> dict:
-        """``max_kappa``, ``num_thresholds``, ``dense_fraction``: the overrides, else the adapter's config values."""
+        """``max_kappa``, ``num_thresholds``, ``dense_fraction``, ``schedule``: the overrides, else the adapter's
+        config values."""
         configs = getattr(self.model, "peft_config", None) or {}
         name = self.adapter_name
         if name is None and configs:
@@ -110,3 +115,6 @@ class CodyraThresholdCallback(TrainerCallback):
     def on_optimizer_step(self, args, state, control, **kwargs):
         max_steps = self.max_steps if self.max_steps is not None else state.max_steps
         self.step(state.global_step, max_steps)
+
+
+CoDyRAThresholdCallback = CodyraThresholdCallback  # the name METHODS.md §5.4 uses

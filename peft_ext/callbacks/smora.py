@@ -22,7 +22,10 @@ class SmoraBiasCallback(TrainerCallback):
 
     Each SMoRA layer accumulates, in training mode, how often each rank expert was selected since the last update (all
     micro-batches of a gradient-accumulation step count). After the optimizer step this applies
-    ``b_i ← b_i + u·sign(mean load − load_i)`` per layer and adapter and resets the counts.
+    ``b_i ← b_i + u·sign(mean load − load_i)`` per layer and adapter and resets the counts. Under
+    ``torch.distributed`` (DDP, ``torchrun``, ``accelerate launch``) the counts of all processes are summed by one
+    all-reduce before the update, so every rank applies the same update from the global load and the bias buffers stay
+    identical; ``step()`` is then a collective: call it on every rank at the same step (the Trainer does).
 
     With ``transformers.Trainer``: ``Trainer(..., callbacks=[SmoraBiasCallback()])``. In a hand-written loop:
     ``cb = SmoraBiasCallback(model)`` and ``cb.step()`` after each ``optimizer.step()``.

@@ -8,16 +8,26 @@ Formula used here (UNCERTAIN, an unverified reading of the paper)::
 
     c_i = 1 / sqrt(‖θ_i‖² + 1/η²)
 
-so ``c_i = η`` at a zero row (the zero-initialised ``B`` trains with an η-times larger step at the start) and
-``c_i ≈ 1/‖θ_i‖`` once ``‖θ_i‖ ≫ 1/η``. ``c`` is recomputed from the current parameters at every step (third-party
-"Automagic" optimizers freeze it at state init and use the mean over rows of an unsquared variant; we do not).
+so ``c_i = η`` at a zero row and ``c_i ≈ 1/‖θ_i‖`` once ``‖θ_i‖ ≫ 1/η``. ``c`` is recomputed from the current
+parameters at every step (third-party "Automagic" optimizers freeze it at state init and use the mean over rows of an
+unsquared variant; we do not).
+
+Where ``c`` enters (``apply_to``):
+
+* ``"grad"`` (default, the paper's definition: the abstract scales "the per sample and per parameter gradients with a
+  coefficient inversely proportional to parameters' ℓ2 norm"): AdamW runs on ``c ⊙ grad``. Adam divides each
+  coordinate by the running RMS of its own gradients, so a factor that stayed constant over time would cancel (up to
+  ``eps``): a zero-initialised ``B`` does *not* take η-times larger steps at the start — its first Adam step is the
+  plain one. ``c`` acts only through its change over time: as a row's norm grows, ``c`` shrinks and the row's steps
+  become smaller than plain Adam's, relative to its gradient history.
+* ``"update"`` (the title's "adaptive learning rate" read under Adam): AdamW's whole step of the row (its Adam update
+  and decoupled weight decay) is multiplied by ``c_i``, i.e. the row's learning rate is ``lr·c_i``. Here a zero row
+  does step η-times further than plain AdamW. Under plain SGD the two readings coincide.
 
 Which axis is a "row" of ``A`` and of ``B`` is UNCERTAIN too: ``row_dim`` picks it (default ``0`` for both, i.e. a row
 is ``weight[i, :]``: one rank component of ``A`` (r × in), one output feature of ``B`` (out × r), the usual matrix
 convention ``ΔW = B A``); ``row_dim=None`` treats the whole tensor as a single θ.
 
-Caveat: Adam normalises each coordinate by its running RMS, so a per-row factor that stayed constant over time would
-cancel out (up to ``eps``); ALLoRA's effect under AdamW comes from ``c`` changing as the norms grow.
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ from torch import nn
 __all__ = ["ALLoRA", "allora_multiplier", "allora_lora_config", "create_allora_optimizer", "is_lora_param_name"]
 
 DEFAULT_ETA = 2.0
+APPLY_TO = ("grad", "update")
 # lora_A / lora_B (Linear, Conv) and lora_embedding_A / lora_embedding_B (Embedding) of PEFT's LoRA layers.
 LORA_PARAM_PATTERN = r"(^|\.)lora_(embedding_)?[AB](\.|$)"
 
@@ -66,12 +77,13 @@ def allora_multiplier(param: torch.Tensor, eta: float = DEFAULT_ETA, row_dim: Op
 
 
 class ALLoRA(torch.optim.AdamW):
-    """AdamW whose LoRA gradients are first multiplied row-wise by ALLoRA's ``c_i = 1/sqrt(‖θ_i‖² + 1/η²)``
+    """AdamW with ALLoRA's row-wise coefficient ``c_i = 1/sqrt(‖θ_i‖² + 1/η²)`` on the LoRA parameters
     (paper https://arxiv.org/abs/2410.09692; no official code).
 
-    Before each AdamW update the gradient of every parameter of a group with ``allora=True`` is replaced by
-    ``c ⊙ grad`` (``c`` recomputed from the current parameter values, before the update); groups with ``allora=False``
-    get plain AdamW. After the step the original ``.grad`` tensors are put back untouched.
+    ``c`` is recomputed from the current parameter values before each update, for every parameter of a group with
+    ``allora=True``. With ``apply_to="grad"`` (default) AdamW runs on ``c ⊙ grad``; with ``apply_to="update"`` the
+    AdamW step of each row is multiplied by ``c_i`` (see the module docstring for why the two differ under Adam).
+    Groups with ``allora=False`` get plain AdamW. After the step the original ``.grad`` tensors are put back untouched.
 
     Use :func:`create_allora_optimizer` to build it from a PEFT model (LoRA factors in an ``allora`` group, everything
     else in a plain one). Passed directly, groups without an ``allora`` key are treated as LoRA (``allora=True``).
@@ -85,6 +97,8 @@ class ALLoRA(torch.optim.AdamW):
         row_dim: axis indexing the rows θ_i (UNCERTAIN which is right for A and B): an int for all parameters, a
             dict ``{"lora_A": 0, "lora_B": 1}`` keyed by a substring of the parameter name (needs ``named`` params, see
             :func:`create_allora_optimizer`), or ``None`` for one norm per tensor. Default 0.
+        apply_to: ``"grad"`` (default, the paper's gradient scaling) or ``"update"`` (``c`` as a per-row learning-rate
+            factor on AdamW's step). May also be set per group.
     """
 
     def __init__(
@@ -98,11 +112,12 @@ class ALLoRA(torch.optim.AdamW):
         eta: float = DEFAULT_ETA,
         row_dim: RowDim = 0,
         amsgrad: bool = False,
+        apply_to: str = "grad",
         **adamw_kwargs,
     ):
         if not eta > 0:
             raise ValueError(f"ALLoRA eta must be > 0; got {eta!r}.")
-        self._allora_defaults = {"allora": True, "eta": float(eta), "row_dim": row_dim}
+        self._allora_defaults = {"allora": True, "eta": float(eta), "row_dim": row_dim, "apply_to": apply_to}
         super().__init__(
             params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, **adamw_kwargs
         )
@@ -112,6 +127,8 @@ class ALLoRA(torch.optim.AdamW):
             param_group.setdefault(key, value)
         if not param_group["eta"] > 0:
             raise ValueError(f"ALLoRA eta must be > 0; got {param_group['eta']!r}.")
+        if param_group["apply_to"] not in APPLY_TO:
+            raise ValueError(f"ALLoRA apply_to must be one of {APPLY_TO}; got {param_group['apply_to']!r}.")
         super().add_param_group(param_group)
 
     @staticmethod
@@ -134,7 +151,8 @@ class ALLoRA(torch.optim.AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        originals = []
+        originals = []  # (param, its own .grad) for "grad"
+        scaled_steps = []  # (param, value before the step, c) for "update"
         for group in self.param_groups:
             if not group["allora"]:
                 continue
@@ -142,13 +160,18 @@ class ALLoRA(torch.optim.AdamW):
                 if p.grad is None:
                     continue
                 c = allora_multiplier(p, group["eta"], self._row_dim_for(group, i))
-                originals.append((p, p.grad))
-                p.grad = (p.grad * c).to(p.grad.dtype)
+                if group.get("apply_to", "grad") == "update":
+                    scaled_steps.append((p, p.detach().clone(), c))
+                else:
+                    originals.append((p, p.grad))
+                    p.grad = (p.grad * c).to(p.grad.dtype)
         try:
             super().step()
         finally:
             for p, grad in originals:
                 p.grad = grad
+        for p, before, c in scaled_steps:  # p <- before + c ⊙ (AdamW's step)
+            p.copy_((before + c * (p - before)).to(p.dtype))
         return loss
 
 
@@ -160,7 +183,7 @@ def create_allora_optimizer(
     lora_pattern: str = LORA_PARAM_PATTERN,
     **adamw_kwargs,
 ) -> ALLoRA:
-    """An :class:`ALLoRA` optimizer over ``model``'s trainable parameters.
+    """An :class:`ALLoRA` optimizer over ``model``'s trainable parameters (``adamw_kwargs`` may set ``apply_to``).
 
     LoRA factors (names matching ``lora_pattern``: ``lora_A``, ``lora_B``, ``lora_embedding_A/B``) go into a group with
     ALLoRA's gradient scaling; every other trainable parameter (``modules_to_save``, biases, ...) into a plain AdamW

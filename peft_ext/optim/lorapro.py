@@ -34,9 +34,26 @@ Differences from the official code:
   gradients per module.
 * Pairs A and B by PEFT module (``LoraLayer.lora_A[adapter]`` / ``lora_B[adapter]``), not by parameter position.
 * Reads ``s`` from ``module.scaling[adapter]`` at every step (works for rsLoRA / any alpha) instead of hard-coding 2.
-* Both Adam moments are kept in fp32 (the official code keeps ``v`` in bf16).
+* Both Adam moments are kept in fp32 (the official code keeps ``v`` in bf16), also for bf16 / fp16 LoRA weights and
+  across ``load_state_dict`` (which would otherwise cast them to the parameter dtype).
 * Optional decoupled weight decay ``p ← p − lr·wd·p`` on A and B (and on non-LoRA params). The paper/official code
   use wd = 0; how weight decay should interact with LoRA-Pro is UNCERTAIN, so the default is 0.
+* δ in step 3: we use the unregularised pseudo-inverses ``(BᵀB)⁺``, ``(AAᵀ)⁺`` the paper writes; the official code
+  reuses the regularised ``(BᵀB+δI)⁺``, ``(AAᵀ+δI)⁺`` of step 1 there. ``official_delta=True`` does the same.
+* Gradient clipping: the official code takes the clip factor ``min(1, c/(‖g‖+1e-6))`` from the global norm of the raw
+  A/B gradients and applies it to the *adjusted* factor updates (after Adam). ``transformers.Trainer``
+  (``max_grad_norm``, default 1.0) instead clips the raw gradients before ``step()``, i.e. before the equivalent
+  gradient and Adam. ``LoraProAdamW(max_grad_norm=c)`` reproduces the official order (factor from the raw norm over
+  all of this optimizer's parameters; applied to the LoRA-Pro factor updates and to the AdamW group's gradients);
+  set ``TrainingArguments(max_grad_norm=0)`` with it so that the Trainer does not clip first.
+
+Limits (checked when the optimizer is built):
+
+* ``lora_dropout > 0``: the identities ``g_A = s·Bᵀg``, ``g_B = s·g·Aᵀ`` assume the LoRA branch sees the same input as
+  the base layer; dropout breaks them, so ``g̃`` is no longer the projection of the full gradient. A warning (once)
+  names the first such module. The paper and official code use ``lora_dropout=0``.
+* Several trainable active adapters on one layer: each pair would add its own projection of the same full update
+  (ΔW counted once per adapter) and its own m×n moments, so this raises ``ValueError`` naming the layer and adapters.
 
 Memory: two full m×n fp32 moments per LoRA pair (i.e. full fine-tuning optimizer state), stored in
 ``self.state[lora_A.weight]`` (``exp_avg``, ``exp_avg_sq``, ``step``). Trainable parameters that are not part of a
@@ -81,7 +98,7 @@ def solve_sylvester_sym(P: torch.Tensor, Q: torch.Tensor, C: torch.Tensor, tol: 
     lam, U = torch.linalg.eigh(P64)
     mu, V = torch.linalg.eigh(Q64)
     denom = lam[:, None] + mu[None, :]
-    thresh = tol * max(1.0, float(lam.abs().max() + mu.abs().max()))
+    thresh = tol * torch.clamp(lam.abs().max() + mu.abs().max(), min=1.0)  # a tensor: no host sync
     Cp = U.T @ C64 @ V
     safe = denom.abs() > thresh
     Y = torch.where(safe, Cp / torch.where(safe, denom, torch.ones_like(denom)), torch.zeros_like(Cp))
@@ -116,23 +133,25 @@ def equivalent_gradient(
 
 
 def factor_updates(
-    A: torch.Tensor, B: torch.Tensor, u: torch.Tensor, s: float, first: bool
+    A: torch.Tensor, B: torch.Tensor, u: torch.Tensor, s: float, first: bool, delta: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Step 3: map a full-size update direction ``u`` (m×n) to ``(grad_A, grad_B)``.
 
     Guarantees ``s·(B·grad_A + grad_B·A) = P_B u + (I−P_B) u P_A`` for t>0 (``first=False``) and
     ``= s²·BBᵀu + u P_A`` for t=0 (which is ``u P_A`` for the usual ``B = 0`` initialisation).
+    ``delta > 0`` replaces the pseudo-inverses ``(BᵀB)⁺``, ``(AAᵀ)⁺`` by ``(BᵀB+δI)⁺``, ``(AAᵀ+δI)⁺`` as the official
+    code does (the Sylvester left-hand side keeps ``BᵀB``, ``AAᵀ``); the paper's form is ``delta = 0``.
 
     LoRA-Pro paper: https://arxiv.org/abs/2407.18242; official code https://github.com/mrflogs/LoRA-Pro.
     """
     gA2 = s * (B.T @ u)  # r×n
     gB2 = s * (u @ A.T)  # m×r
     AAt = A @ A.T
-    AAt_pinv = torch.linalg.pinv(AAt, hermitian=True)
+    AAt_pinv = _reg_inv(AAt, delta)
     if first:
         return gA2, gB2 @ AAt_pinv / (s * s)
     BtB = B.T @ B
-    BtB_pinv = torch.linalg.pinv(BtB, hermitian=True)
+    BtB_pinv = _reg_inv(BtB, delta)
     rhs = -(BtB_pinv @ gA2 @ A.T) / (s * s)
     X = solve_sylvester_sym(BtB, AAt, rhs)
     grad_A = BtB_pinv @ gA2 / (s * s) + X @ A
@@ -147,10 +166,19 @@ def factor_updates(
 
 
 class _Pair:
-    __slots__ = ("module", "adapter", "A", "B")
+    __slots__ = ("module", "adapter", "A", "B", "name")
 
-    def __init__(self, module: nn.Module, adapter: str, A: nn.Parameter, B: nn.Parameter):
-        self.module, self.adapter, self.A, self.B = module, adapter, A, B
+    def __init__(self, module: nn.Module, adapter: str, A: nn.Parameter, B: nn.Parameter, name: str = ""):
+        self.module, self.adapter, self.A, self.B, self.name = module, adapter, A, B, name
+
+    @property
+    def dropout(self) -> float:
+        """The dropout probability of this adapter's branch (0 when there is none)."""
+        for child_name, child in self.module.named_children():
+            if "dropout" in child_name and isinstance(child, nn.ModuleDict) and self.adapter in child:
+                layer = child[self.adapter]
+                return float(layer.p) if isinstance(layer, nn.Dropout) else 0.0
+        return 0.0
 
     @property
     def scaling(self) -> float:
@@ -180,7 +208,7 @@ def find_lora_pairs(model: nn.Module) -> list[_Pair]:
                 if adapter in module.r:
                     A, B, _ = module.lora_factors(adapter)
                     if A.requires_grad and B.requires_grad:
-                        pairs.append(_Pair(module, adapter, A, B))
+                        pairs.append(_Pair(module, adapter, A, B, name))
             continue
         if not isinstance(module, LoraLayer):
             continue
@@ -199,7 +227,7 @@ def find_lora_pairs(model: nn.Module) -> list[_Pair]:
                     stacklevel=2,
                 )
                 continue
-            pairs.append(_Pair(module, adapter, A, B))
+            pairs.append(_Pair(module, adapter, A, B, name))
     return pairs
 
 
@@ -217,6 +245,13 @@ class LoraProAdamW(torch.optim.Optimizer):
         betas, eps: Adam hyper-parameters (paper: (0.9, 0.999), 1e-8).
         delta: δ regulariser of the equivalent-gradient inverses (paper: 1e-8).
         weight_decay: decoupled weight decay (UNCERTAIN in the paper, default 0).
+        max_grad_norm: clip as the official code does: factor ``min(1, c/(‖g‖+1e-6))`` from the global norm of the
+            raw gradients of this optimizer's parameters, applied to the adjusted LoRA-Pro updates (and to the AdamW
+            group's gradients). ``None`` (default): no clipping here. Use with ``TrainingArguments(max_grad_norm=0)``.
+        official_delta: use ``(·+δI)⁺`` in step 3 too, as the official code does (default False: the paper's ``(·)⁺``).
+
+    Raises ``ValueError`` when a layer has several trainable active adapters; warns once when a paired adapter has
+    ``lora_dropout > 0`` (see the module docstring).
 
     Parameter group 0 (``"lorapro": True``) holds ``[A_1, B_1, A_2, B_2, ...]``; group 1 (``"lorapro": False``) holds
     all other trainable parameters and is updated with plain AdamW. The full-size moments of a pair live in
@@ -234,16 +269,41 @@ class LoraProAdamW(torch.optim.Optimizer):
         eps: float = 1e-8,
         delta: float = 1e-8,
         weight_decay: float = 0.0,
+        max_grad_norm: float | None = None,
+        official_delta: bool = False,
     ):
         if lr < 0:
-            raise ValueError(f"invalid lr {lr}")
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"invalid betas {betas}")
-        if eps < 0 or delta < 0 or weight_decay < 0:
-            raise ValueError("eps, delta and weight_decay must be >= 0")
+            raise ValueError(f"LoraProAdamW: lr must be >= 0; got {lr!r}")
+        if len(betas) != 2 or not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"LoraProAdamW: betas must be two numbers in [0, 1); got {betas!r}")
+        for arg, value in (("eps", eps), ("delta", delta), ("weight_decay", weight_decay)):
+            if value < 0:
+                raise ValueError(f"LoraProAdamW: {arg} must be >= 0; got {value!r}")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"LoraProAdamW: max_grad_norm must be > 0 or None; got {max_grad_norm!r}")
         self._pairs = find_lora_pairs(model)
         if not self._pairs:
             raise ValueError("LoraProAdamW: no trainable PEFT LoRA (lora_A/lora_B) pair found in the model")
+        by_module: dict[int, list[_Pair]] = {}
+        for pair in self._pairs:
+            by_module.setdefault(id(pair.module), []).append(pair)
+        for group in by_module.values():
+            if len(group) > 1:
+                raise ValueError(
+                    f"LoraProAdamW: layer {group[0].name} has {len(group)} trainable active adapters "
+                    f"{[p.adapter for p in group]}; each would add its own projection of the same full update (ΔW "
+                    "counted once per adapter) and its own full-size moments. Train one adapter at a time "
+                    "(model.set_adapter(name)) or freeze the others."
+                )
+        with_dropout = [pair for pair in self._pairs if pair.dropout > 0]
+        if with_dropout:
+            first = with_dropout[0]
+            warnings.warn(
+                f"LoRA-Pro: {len(with_dropout)} LoRA pair(s) use dropout (first: {first.name}, adapter "
+                f"{first.adapter!r}, lora_dropout={first.dropout:g}); the equivalent gradient assumes g_A = s·Bᵀg and "
+                "g_B = s·g·Aᵀ, which dropout breaks. The paper and official code use lora_dropout=0.",
+                stacklevel=2,
+            )
         paired = {id(p) for pair in self._pairs for p in (pair.A, pair.B)}
         lora_params = [p for pair in self._pairs for p in (pair.A, pair.B)]
         seen: set[int] = set()
@@ -257,6 +317,8 @@ class LoraProAdamW(torch.optim.Optimizer):
             groups.append({"params": other, "lorapro": False})
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, delta=delta, weight_decay=weight_decay)
         super().__init__(groups, defaults)
+        self.max_grad_norm = max_grad_norm
+        self.official_delta = bool(official_delta)
 
     @property
     def pairs(self) -> list[_Pair]:
@@ -268,17 +330,49 @@ class LoraProAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        coef = self._clip_coef() if self.max_grad_norm is not None else None
         for group in self.param_groups:
             if group.get("lorapro", False):
-                self._step_lorapro(group)
+                self._step_lorapro(group, coef)
             else:
-                self._step_adamw(group)
+                self._step_adamw(group, coef)
         return loss
 
-    def _step_lorapro(self, group: dict) -> None:
+    def _clip_coef(self) -> torch.Tensor | None:
+        """The official clip factor ``min(1, c/(‖g‖+1e-6))`` from the raw gradients (a tensor: no host sync)."""
+        norms = [torch.linalg.vector_norm(p.grad.float()) for g in self.param_groups for p in g["params"]
+                 if p.grad is not None]
+        if not norms:
+            return None
+        total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
+        return torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """``torch.optim.Optimizer.load_state_dict``, but the Adam moments stay float32.
+
+        Torch casts every floating state tensor to its parameter's dtype; for bf16 / fp16 LoRA weights that would
+        round the full-size moments to half precision (and break the fp32 update). The saved moments are put back
+        in float32 instead.
+        """
+        index_to_param = {}
+        for saved, group in zip(state_dict["param_groups"], self.param_groups):
+            index_to_param.update(zip(saved["params"], group["params"]))
+        moments = {
+            index: {k: v for k, v in st.items() if k in ("exp_avg", "exp_avg_sq") and torch.is_tensor(v)}
+            for index, st in state_dict["state"].items()
+        }
+        super().load_state_dict(state_dict)
+        for index, values in moments.items():
+            p = index_to_param.get(index)
+            for key, value in values.items():
+                if p is not None:
+                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32, copy=True)
+
+    def _step_lorapro(self, group: dict, coef: torch.Tensor | None = None) -> None:
         params = group["params"]
         lr, (beta1, beta2) = group["lr"], group["betas"]
         eps, delta, wd = group["eps"], group["delta"], group["weight_decay"]
+        delta_update = delta if self.official_delta else 0.0
         for i in range(0, len(params), 2):
             pA, pB = params[i], params[i + 1]
             pair = self._pairs[i // 2]
@@ -294,16 +388,16 @@ class LoraProAdamW(torch.optim.Optimizer):
 
             state = self.state[pA]
             if len(state) == 0:
-                state["step"] = torch.tensor(0.0)
+                state["step"] = torch.tensor(0.0)  # on the CPU, like torch's Adam: reading it is no device sync
                 state["exp_avg"] = torch.zeros(B.shape[0], A.shape[1], dtype=torch.float32, device=A.device)
                 state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
-            first = int(state["step"].item()) == 0
+            t = int(state["step"]) + 1  # 1-based index of this step
+            first = t == 1
 
             # 1. equivalent gradient
             g_tilde = equivalent_gradient(A, B, g_A, g_B, s, delta, first)
             # 2. full-size Adam
             state["step"] += 1
-            t = int(state["step"].item())
             m, v = state["exp_avg"], state["exp_avg_sq"]
             m.lerp_(g_tilde, 1 - beta1)
             v.mul_(beta2).addcmul_(g_tilde, g_tilde, value=1 - beta2)
@@ -311,7 +405,10 @@ class LoraProAdamW(torch.optim.Optimizer):
             v_hat = v / (1 - beta2**t)
             u = m_hat / (v_hat.sqrt() + eps)
             # 3. back to the factors (uses the pre-update A, B)
-            grad_A, grad_B = factor_updates(A, B, u, s, first)
+            grad_A, grad_B = factor_updates(A, B, u, s, first, delta_update)
+            if coef is not None:  # the official clipping: on the adjusted updates
+                grad_A = grad_A * coef.to(grad_A.device)
+                grad_B = grad_B * coef.to(grad_B.device)
             # 4. p <- p - lr * grad (+ optional decoupled weight decay)
             if wd != 0:
                 pA.mul_(1 - lr * wd)
@@ -319,20 +416,22 @@ class LoraProAdamW(torch.optim.Optimizer):
             pA.add_(grad_A.to(pA.dtype), alpha=-lr)
             pB.add_(grad_B.to(pB.dtype), alpha=-lr)
 
-    def _step_adamw(self, group: dict) -> None:
+    def _step_adamw(self, group: dict, coef: torch.Tensor | None = None) -> None:
         lr, (beta1, beta2) = group["lr"], group["betas"]
         eps, wd = group["eps"], group["weight_decay"]
         for p in group["params"]:
             if p.grad is None:
                 continue
             g = p.grad.float()
+            if coef is not None:
+                g = g * coef.to(g.device)
             state = self.state[p]
             if len(state) == 0:
                 state["step"] = torch.tensor(0.0)
                 state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
             state["step"] += 1
-            t = int(state["step"].item())
+            t = int(state["step"])
             m, v = state["exp_avg"], state["exp_avg_sq"]
             m.lerp_(g, 1 - beta1)
             v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
@@ -347,7 +446,7 @@ class LoraProAdamW(torch.optim.Optimizer):
 def create_lorapro_optimizer(model: nn.Module, lr: float, **kwargs) -> LoraProAdamW:
     """Build a :class:`LoraProAdamW` for ``model``; use as ``Trainer(optimizers=(opt, None))`` (or with a scheduler).
 
-    ``kwargs`` are forwarded (``betas``, ``eps``, ``delta``, ``weight_decay``).
+    ``kwargs`` are forwarded (``betas``, ``eps``, ``delta``, ``weight_decay``, ``max_grad_norm``, ``official_delta``).
 
     LoRA-Pro paper: https://arxiv.org/abs/2407.18242; official code https://github.com/mrflogs/LoRA-Pro.
     """

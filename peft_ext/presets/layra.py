@@ -140,8 +140,12 @@ def _last_token_index(attention_mask: Optional[torch.Tensor], batch: int, length
 @torch.no_grad()
 def cka_layer_scores(model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> list[float]:
     """``[CKA(h_i, h_{i+1}) for i < L]``: linear CKA between the input and output hidden states of each block, on
-    the last non-pad token of every sample (official code https://github.com/c2d-usp/Layer-wise-LoRA-with-CKA;
-    not part of LayRA).
+    the last non-pad token of every sample.
+
+    From *Layer-wise LoRA fine-tuning: a similarity metric approach* (official code
+    https://github.com/c2d-usp/Layer-wise-LoRA-with-CKA, ``decoder-only/select_layers_decoder.py``); offered as an
+    alternative layer selection for the LayRA preset (*Continually Adding New Languages to Multilingual Language
+    Models*, https://arxiv.org/abs/2509.11414, no public code), which is not LayRA's own rule.
 
     ``batches`` are keyword dicts for ``model(**batch, output_hidden_states=True)`` (``input_ids``,
     ``attention_mask``, …; ``labels`` are dropped). ``hidden_states[0]`` is the embedding output and, in
@@ -178,7 +182,10 @@ def cka_layer_scores(model: torch.nn.Module, batches: Iterable[Mapping[str, torc
 def select_lowest(scores: Sequence[float], fraction: float = 0.5) -> list[int]:
     """Indices of the ``⌊fraction·len(scores)⌋`` lowest scores (ties: lower index first), in ascending index order.
 
-    The selection rule of https://github.com/c2d-usp/Layer-wise-LoRA-with-CKA (``ratio_of_layers``, default 0.5).
+    The selection rule of *Layer-wise LoRA fine-tuning: a similarity metric approach* (official code
+    https://github.com/c2d-usp/Layer-wise-LoRA-with-CKA, ``ratio_of_layers``, default 0.5), used to fill
+    ``layers_to_transform`` of the LayRA preset (*Continually Adding New Languages to Multilingual Language Models*,
+    https://arxiv.org/abs/2509.11414, no public code); it is not LayRA's own rule.
     """
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
         raise ValueError(f"cka_select_layers.fraction must be a number in (0, 1]; got {fraction!r}.")

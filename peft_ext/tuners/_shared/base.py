@@ -20,6 +20,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _get_in_out_feat
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, PeftType, resolve_quantization_backend
 
 from ... import __version__
+from .routing import TokenRoutes, current_tokens
 
 
 def bad_value(config: Any, name: str, value: Any, allowed: str) -> ValueError:
@@ -107,6 +108,24 @@ class ExtConfig(PeftConfig):
             raise bad_value(self, name, value, "a number in [0, 1)")
 
 
+def in_autograd_backward() -> bool:
+    """Whether autograd's engine is running a backward pass on this thread, e.g. activation checkpointing's
+    recomputation of a forward. Used by the auxiliary-loss recording of every routed peft-ext tuner (MoLA
+    https://arxiv.org/abs/2402.08562, code https://github.com/GCYZSL/MoLA; LoRA-Mixer https://arxiv.org/abs/2507.00029;
+    gated LoRA / TARA https://arxiv.org/abs/2508.08812). Built on PEFT, https://github.com/huggingface/peft."""
+    return torch._C._current_graph_task_id() != -1
+
+
+REENTRANT_MESSAGE = (
+    "Auxiliary losses ({what}) were not computed: this training forward has gradients enabled and labels, but the "
+    "adapter layers ran with gradients disabled, which is what reentrant gradient checkpointing does (torch's "
+    "use_reentrant=True, the default of PEFT's prepare_model_for_kbit_training). Use non-reentrant checkpointing: "
+    "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={{\"use_reentrant\": False}}), "
+    "prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={{\"use_reentrant\": False}}) or "
+    "TrainingArguments(gradient_checkpointing_kwargs={{\"use_reentrant\": False}})."
+)
+
+
 class _AuxTerms(list):
     """The auxiliary-loss terms of the current forward. They hold autograd graphs, which ``copy.deepcopy`` and pickling
     refuse, so copies of a layer start with no terms."""
@@ -154,6 +173,7 @@ class ExtLayer(BaseTunerLayer):
         self.base_layer = base_layer
         self.call_inputs: dict = {}  # per-call inputs (route ids, gates) of the current forward, set by ExtModel
         self.aux_losses: list = _AuxTerms()  # weighted auxiliary-loss terms recorded by the current forward
+        self.aux_skipped = False  # the current call ran this layer without autograd where it would record terms
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
@@ -170,10 +190,23 @@ class ExtLayer(BaseTunerLayer):
             )
         self.in_features, self.out_features = in_features, out_features
 
+    def aux_recording(self) -> bool:
+        """Whether this forward computes auxiliary-loss terms (layers ask before computing one): while autograd records.
+
+        Without autograd the layer is marked (``aux_skipped``), so that ``ExtModel`` can tell a gradient-enabled
+        training forward that lost its terms to reentrant checkpointing, which runs the checkpointed blocks under
+        ``no_grad``. The recomputation that non-reentrant checkpointing runs inside backward computes the terms again
+        (it must repeat the forward's operations), and ``record_aux_loss`` drops them there."""
+        if torch.is_grad_enabled():
+            return True
+        self.aux_skipped = True
+        return False
+
     def record_aux_loss(self, value: torch.Tensor) -> None:
         """Record one (already weighted) auxiliary-loss term of this forward; ``ExtModel`` adds the sum of all
-        terms to ``outputs.loss`` when labels are given. Terms are only kept while autograd records."""
-        if torch.is_grad_enabled():
+        terms to ``outputs.loss`` when labels are given. Kept only while autograd records and not inside backward (a
+        checkpointing recompute would otherwise add every term twice)."""
+        if torch.is_grad_enabled() and not in_autograd_backward():
             self.aux_losses.append(value)
 
     def _has_adapter(self, adapter: str) -> bool:
@@ -254,6 +287,9 @@ class ExtModel(BaseTuner):
     layer_cls: ClassVar[type]
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
     call_args: ClassVar[tuple[str, ...]] = ()  # per-call keyword arguments, e.g. ("route_ids",)
+    # per-call inputs that follow the token axis -> the value generated tokens take (see TokenRoutes); a call's
+    # ``route_fill=`` (when "route_fill" is in call_args) overrides it
+    token_inputs: ClassVar[dict] = {}
     has_aux_loss: ClassVar[bool] = False  # layers call record_aux_loss during forward
 
     @contextmanager
@@ -262,22 +298,44 @@ class ExtModel(BaseTuner):
 
         PEFT's ``PeftModel`` enters this context around each forward / generate (the way it handles
         ``adapter_names=``); the registry adds ``call_args`` to ``PeftModel.special_peft_forward_args`` so the
-        names never reach the base model. Inputs stay on the layers until the next call, so gradient checkpointing
-        recomputes with the same ones.
+        names never reach the base model. The inputs are checked once here (``_check_call_inputs``: types and value
+        ranges; the layers check shapes only, without reading values) and moved to the model's device. Per-token
+        inputs (``token_inputs``) are fitted to each forward inside the call by ``TokenRoutes``, so ``generate`` works
+        with them. Inputs stay on the layers until the next call, so gradient checkpointing recomputes with the same
+        ones.
         """
         if not self.call_args and not self.has_aux_loss:
             yield
             return
-        inputs = {name: kwargs.get(name) for name in self.call_args}
-        for layer in self.tuner_layers():
+        inputs = self._check_call_inputs({name: kwargs.get(name) for name in self.call_args})
+        device = next((p.device for p in self.model.parameters()), None)
+        if device is not None:
+            inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        layers = list(self.tuner_layers())
+        for layer in layers:
             layer.call_inputs = inputs
             layer.aux_losses = _AuxTerms()
-        handle = self.model.register_forward_hook(self._add_aux_loss, with_kwargs=True) if self.has_aux_loss else None
+            layer.aux_skipped = False
+        handles = []
+        if self.token_inputs:
+            fill = inputs.get("route_fill")
+            fills = {name: default if fill is None else fill for name, default in self.token_inputs.items()}
+            routes = TokenRoutes(inputs, fills, layers, current_tokens(args, kwargs))
+            if routes:
+                handles.append(self.model.register_forward_pre_hook(routes, with_kwargs=True))
+        if self.has_aux_loss:
+            handles.append(self.model.register_forward_hook(self._add_aux_loss, with_kwargs=True))
         try:
             yield
         finally:
-            if handle is not None:
+            for handle in handles:
                 handle.remove()
+
+    def _check_call_inputs(self, inputs: dict) -> dict:
+        """Validate (and convert) this call's per-call inputs once, on the values as given: types, dtypes and
+        value ranges, raising a ValueError that names the argument. Returns the inputs the layers get. Routed
+        tuners override it; the layers then check shapes only."""
+        return inputs
 
     def aux_loss(self) -> Optional[torch.Tensor]:
         """Sum of the auxiliary-loss terms the last forward recorded (already weighted), or None when there are none."""
@@ -311,6 +369,10 @@ class ExtModel(BaseTuner):
     def _add_aux_loss(self, module, args, kwargs, output):
         if kwargs.get("labels") is None:
             return output
+        if torch.is_grad_enabled() and not in_autograd_backward():
+            skipped = sorted({type(m).__name__ for m in self.tuner_layers() if getattr(m, "aux_skipped", False)})
+            if skipped:
+                raise RuntimeError(REENTRANT_MESSAGE.format(what=", ".join(skipped)))
         loss = output.get("loss") if isinstance(output, dict) else (output[0] if isinstance(output, tuple) else None)
         aux = self.aux_loss() if loss is not None else None
         if aux is None:

@@ -4,7 +4,8 @@ https://github.com/Artificer-AI-Lab/CoDyRA."""
 
 from .config import CodyraConfig
 from .layer import CodyraGate, CodyraLayer, CodyraLinear, threshold_gate
-from .model import CodyraModel, apply_threshold, codyra_layers, effective_rank, increment_task, threshold_at
+from .model import (CodyraModel, apply_threshold, codyra_layers, effective_rank, increment_task,
+                    official_threshold_at, threshold_at)
 from ...spec import MethodSpec
 from ...callbacks.codyra import CodyraThresholdCallback  # after the names it imports from this package
 
@@ -36,6 +37,7 @@ __all__ = [
     "codyra_layers",
     "effective_rank",
     "increment_task",
+    "official_threshold_at",
     "threshold_at",
     "threshold_gate",
 ]

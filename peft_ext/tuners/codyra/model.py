@@ -7,12 +7,14 @@ https://github.com/Artificer-AI-Lab/CoDyRA (``models/codyra.py``: ``train_model`
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import numpy as np
 from torch import nn
 
 from .._shared.base import ExtModel, bad_value
+from .config import SCHEDULES
 from .layer import PAST_NAMES, CodyraLayer, CodyraLinear
 
 
@@ -57,28 +59,54 @@ def apply_threshold(model: nn.Module, tau: float, adapter_name: Optional[str] = 
 
 
 def threshold_at(step: int, max_steps: int, max_kappa: float, num_thresholds: int = 50,
-                 dense_fraction: float = 0.5) -> Optional[float]:
+                 dense_fraction: float = 0.5, schedule: str = "paper") -> Optional[float]:
     """The CoDyRA threshold τ applied after optimizer step ``step`` (0-based) of a ``max_steps`` run, or None in the
     dense phase.
 
-    The first ``D = ⌊dense_fraction·max_steps⌋`` steps are dense; from step D on τ is
+    ``schedule="paper"``: the first ``D = ⌊dense_fraction·max_steps⌋`` steps are dense; from step D on τ is
     ``linspace(0, max_kappa, num_thresholds)[k]`` with ``k = min(num_thresholds − 1, 1 + ⌊(step − D)·num_thresholds /
-    (max_steps − D)⌋)``, i.e. the schedule advances one entry every ``(max_steps − D)/num_thresholds`` steps and
-    reaches ``max_kappa`` for the last ones. The official ``train_model`` gives the same τ sequence when
-    ``num_thresholds`` divides ``max_steps − D``, but it skips thresholding at step D itself, and with
-    ``max_steps − D < num_thresholds`` its step length rounds to 0 and τ never leaves 0 (no pruning at all); here the
-    schedule compresses instead. Paper https://arxiv.org/abs/2412.01004, code https://github.com/Artificer-AI-Lab/CoDyRA.
+    (max_steps − D)⌋)``, i.e. the schedule advances one entry every ``(max_steps − D)/num_thresholds`` steps counted
+    from D and reaches ``max_kappa`` for the last ones; with ``max_steps − D < num_thresholds`` it compresses.
+
+    ``schedule="official"``: the official ``train_model`` timing, see ``official_threshold_at``. It counts the
+    advances of τ from the start of training (iterations that are multiples of ``L = (T − D)//num_thresholds``), not
+    from D, so the two sequences coincide only when L divides D and ``num_thresholds`` divides ``T − D`` (and even then
+    the official code skips thresholding at step D itself); with ``T − D < num_thresholds``, L = 0 and τ never leaves
+    0 there (no pruning at all). Paper https://arxiv.org/abs/2412.01004, code https://github.com/Artificer-AI-Lab/CoDyRA.
     """
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
         raise bad_value("threshold_at", "max_steps", max_steps, "an integer >= 1")
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise bad_value("threshold_at", "step", step, "an integer >= 0")
+    if schedule not in SCHEDULES:
+        raise bad_value("threshold_at", "schedule", schedule, f"one of {SCHEDULES}")
+    if schedule == "official":
+        return official_threshold_at(step, max_steps, max_kappa, num_thresholds, dense_fraction)
     dense = int(dense_fraction * max_steps)
     if step < dense:
         return None
     span = max(max_steps - dense, 1)
     k = min(num_thresholds - 1, 1 + (step - dense) * num_thresholds // span)
     return float(np.linspace(0.0, max_kappa, num_thresholds)[k])
+
+
+def official_threshold_at(step: int, max_steps: int, max_kappa: float, num_thresholds: int = 50,
+                          dense_fraction: float = 0.5) -> Optional[float]:
+    """τ after optimizer step ``step`` (0-based) as the official CoDyRA ``train_model`` computes it, or None where it
+    does not threshold (paper https://arxiv.org/abs/2412.01004, code https://github.com/Artificer-AI-Lab/CoDyRA,
+    ``models/codyra.py``).
+
+    With ``D = dense_fraction·max_steps`` (a float) and ``L = int((max_steps − D) // num_thresholds)``, the official
+    loop moves to the next entry of ``linspace(0, max_kappa, num_thresholds)`` at every iteration ``i >= D`` with
+    ``i % L == 0`` (counted from iteration 0; never when L = 0) and thresholds after the optimizer step of every
+    iteration ``i > D``. So τ at step t is entry ``min(num_thresholds − 1, #{multiples of L in [⌈D⌉, t]})``.
+    """
+    dense = dense_fraction * max_steps
+    if step <= dense:
+        return None
+    length = int((max_steps - dense) // num_thresholds)
+    count = 0 if length <= 0 else step // length - (math.ceil(dense) - 1) // length
+    return float(np.linspace(0.0, max_kappa, num_thresholds)[min(num_thresholds - 1, count)])
 
 
 def increment_task(model: nn.Module, adapter_name: str = "default") -> dict[str, int]:

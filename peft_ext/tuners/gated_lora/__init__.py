@@ -4,10 +4,18 @@ https://github.com/siihwanpark/MTP-GLoRA), TARA (https://arxiv.org/abs/2508.0881
 Arcana's MM-LoRA (https://arxiv.org/abs/2410.13733; no public code) and RegionBLIP (https://arxiv.org/abs/2308.02299;
 https://github.com/mightyzau/RegionBLIP)."""
 
+import torch
+
 from .config import GatedLoraConfig
 from .layer import GatedLoraLayer, GatedLoraLinear
 from .model import GatedLoraModel, gated_lora_layers, save_branch_as_lora
 from ...spec import MethodSpec
+
+
+def _example_call(shape: tuple) -> dict:
+    # route ids cycling -1 (base only), 0, 1 over the tokens; TARA's align_mask on as many (mirrored) tokens
+    route = (torch.arange(torch.Size(shape).numel()) % 3 - 1).reshape(shape)
+    return {"route_ids": route, "align_mask": (route >= 0).flip(-1)}
 
 
 SPEC = MethodSpec(
@@ -21,6 +29,9 @@ SPEC = MethodSpec(
     # one branch applied to every token when no route input is given: the conformance suite, TRL and the benchmark
     # call the model without route inputs, so the adapter trains there; merged == unmerged-without-route-inputs.
     example_kwargs={"r": 8, "lora_alpha": 16, "branches": ["default"], "default_route": "default"},
+    # the conformance suite's forwards route per token over two branches and train TARA's alignment loss
+    example_call=_example_call,
+    conformance_kwargs={"branches": ["default", "other"], "alignment_loss_weight": 0.1},
     mergeable=True,
     lora_convertible=True,
     routed=True,

@@ -124,14 +124,8 @@ class GatedLoraLayer(ExtLayer):
         if name == "route_ids":
             if isinstance(value, str):
                 return ("all", self._branch_index(adapter, value))
-            if isinstance(value, int) and not isinstance(value, bool):
-                value = torch.tensor(value)
+            # dtype and shape only: GatedLoraModel checked the values once for the call (-1..branches-1)
             route = check_route_input("route_ids", value, x, kind="int", per_sample_ok=True)
-            if route.numel() and (int(route.min()) < -1 or int(route.max()) >= nb):
-                raise ValueError(
-                    f"route_ids must hold -1 (base only) or a branch index in 0..{nb - 1} "
-                    f"(branches {self.branches[adapter]}); got values in [{int(route.min())}, {int(route.max())}]."
-                )
             return ("tokens", route.long())
         if name == "modality":
             if nb != 2:
@@ -219,29 +213,29 @@ class GatedLoraLayer(ExtLayer):
             base = result
             delta = self._delta_routed(adapter, x_in, routed).to(result.dtype)
             result = torch.where(active, base + delta, base)  # select rows: never 0·Δ, so base rows stay exact
-            if self.align[adapter] and torch.is_grad_enabled():
+            if self.align[adapter] and (self.call_inputs or {}).get("align_mask") is not None and self.aux_recording():
                 self._record_alignment(adapter, x, base, result, routed)
         return result.to(previous_dtype)
 
     def _record_alignment(self, adapter, x, base, out, route) -> None:
         """TARA's token alignment loss on this layer: ``mean |(base+Δ)[routed tokens] − base[align_mask tokens]|``,
-        the i-th routed token paired with the i-th class-word token (row-major order), as in TARA's training script."""
-        align_mask = (self.call_inputs or {}).get("align_mask")
-        if align_mask is None:
-            return
-        mask = check_route_input("align_mask", align_mask, x, kind="bool")
+        the i-th routed token paired with the i-th class-word token (row-major order), as in TARA's training script.
+
+        Computed without reading tensor values (no boolean indexing): both token sets are sorted to the front in
+        order and the first ``n`` pairs are averaged. ``GatedLoraModel`` checked once per call that the two counts
+        are equal and non-zero."""
+        mask = check_route_input("align_mask", self.call_inputs["align_mask"], x, kind="bool")
         token_shape = out.shape[:-1]
-        rare = (route >= 0).expand(token_shape)
-        n_rare, n_cls = int(rare.sum()), int(mask.sum())
-        if n_rare == 0 or n_cls == 0:
-            return
-        if n_rare != n_cls:
-            raise ValueError(
-                f"align_mask marks {n_cls} tokens but {n_rare} tokens are routed to a branch; TARA's alignment loss "
-                "pairs them one to one, so the counts must be equal."
-            )
-        term = (out[rare] - base[mask]).abs().float().mean()
-        self.record_aux_loss(self.align[adapter] * term)
+        rare = (route >= 0).expand(token_shape).reshape(-1)
+        cls = mask.expand(token_shape).reshape(-1)
+        rare_first = torch.sort((~rare).to(torch.int32), stable=True).indices  # routed tokens first, in order
+        cls_first = torch.sort((~cls).to(torch.int32), stable=True).indices
+        width = out.shape[-1]
+        diff = (out.reshape(-1, width)[rare_first] - base.reshape(-1, width)[cls_first]).abs().float()
+        count = cls.sum()
+        paired = (torch.arange(diff.shape[0], device=diff.device) < count).unsqueeze(-1)
+        term = torch.where(paired, diff, torch.zeros((), dtype=diff.dtype, device=diff.device)).sum()
+        self.record_aux_loss(self.align[adapter] * term / (count * width).clamp_min(1))
 
     # ------------------------------------------------------------------ merging and export
     def merge_refusal_for(self, adapter: str) -> Optional[str]:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .._shared.base import ExtModel
+from .._shared.routing import route_value, value_range
 from .config import GatedLoraConfig
 from .layer import GatedLoraLayer, GatedLoraLinear
 
@@ -100,16 +101,93 @@ class GatedLoraModel(ExtModel):
     ``modality`` (bool, two branches: True = ``branches[0]``), ``gate`` (bool: True = the default branch) and
     ``align_mask`` (bool, TARA's class-word tokens). With ``alignment_loss_weight > 0`` the alignment loss, averaged
     over the alignment layers and weighted, is added to ``outputs.loss`` when ``labels`` are passed.
+
+    ``generate`` takes the same inputs: a per-token input ``[batch, prompt length]`` covers the prompt, and each
+    generated token takes a fill (see ``peft_ext.tuners._shared.routing.TokenRoutes``): ``route_ids`` -1 (base only:
+    MTP's generated tokens are next-token positions, TARA's are no concept), ``modality`` False (the second branch,
+    MM-LoRA's language: generated tokens are text), ``gate`` False (base only). ``route_fill=`` passed with the call
+    overrides it: a branch index or -1 (``route_ids``), True / False (``modality`` / ``gate``), or ``"last"`` for
+    each sample's last prompt position. Per-sample and whole-call inputs apply to every generated token as given.
     """
 
     prefix: str = "gated_lora_"
     tuner_layer_cls = GatedLoraLayer
     layer_cls = GatedLoraLinear
-    call_args = ("route_ids", "modality", "gate", "align_mask")
+    call_args = ("route_ids", "modality", "gate", "align_mask", "route_fill")
+    token_inputs = {"route_ids": -1, "modality": False, "gate": False}
 
     @property
     def has_aux_loss(self) -> bool:  # only adapters with TARA's alignment loss record terms
         return any(getattr(cfg, "alignment_loss_weight", 0) > 0 for cfg in self.peft_config.values())
+
+    def _check_call_inputs(self, inputs: dict) -> dict:
+        """Check the route inputs once per call (dtypes, value ranges, ``route_fill``, TARA's token counts), on the
+        values as given; the layers then check shapes only."""
+        out = dict(inputs)
+        routed = [self.peft_config[a] for a in self.active_adapters if a in self.peft_config]
+        routed = [cfg for cfg in routed if cfg.mode == "route"]
+        nb = min((len(cfg.branches) for cfg in routed), default=None)
+        ids = inputs.get("route_ids")
+        if ids is not None and not isinstance(ids, str):
+            ids = out["route_ids"] = route_value("route_ids", ids, kind="int", per_sample_ok=True)
+            span = value_range(ids)
+            for cfg in routed:
+                if span is not None and (span[0] < -1 or span[1] >= len(cfg.branches)):
+                    raise ValueError(
+                        f"route_ids must hold -1 (base only) or a branch index in 0..{len(cfg.branches) - 1} "
+                        f"(branches {cfg.branches}); got values in [{span[0]}, {span[1]}]."
+                    )
+        for name in ("modality", "gate"):
+            out[name] = route_value(name, inputs.get(name), kind="bool", per_sample_ok=True)
+        out["align_mask"] = route_value("align_mask", inputs.get("align_mask"), kind="bool")
+        fill = inputs.get("route_fill")
+        if fill is not None and fill != "last":
+            if isinstance(ids, torch.Tensor) and nb is not None:
+                if isinstance(fill, bool) or not isinstance(fill, int) or not -1 <= fill < nb:
+                    raise ValueError(
+                        f"route_fill (the route of tokens beyond route_ids, e.g. generated ones) must be 'last' or -1 "
+                        f"(base only) or a branch index in 0..{nb - 1}; got {fill!r}."
+                    )
+            elif out["modality"] is not None or out["gate"] is not None:
+                if not isinstance(fill, bool):
+                    name = "modality" if out["modality"] is not None else "gate"
+                    raise ValueError(
+                        f"route_fill (the {name} value of tokens beyond the given mask, e.g. generated ones) must be "
+                        f"'last', True or False; got {fill!r}."
+                    )
+        out["align_mask"] = self._check_alignment(out)
+        return out
+
+    def _check_alignment(self, inputs: dict) -> Optional[torch.Tensor]:
+        """TARA pairs the i-th routed token with the i-th ``align_mask`` token: check once per call that the counts
+        agree. Returns the mask, or None when either count is zero (no alignment term)."""
+        align = inputs.get("align_mask")
+        active = [self.peft_config[a] for a in self.active_adapters if a in self.peft_config]
+        weighted = any(cfg.alignment_loss_weight > 0 for cfg in active)
+        if align is None or not weighted or not torch.is_grad_enabled():
+            return align  # the layers record the alignment loss under autograd only
+        ids = inputs.get("route_ids")
+        if isinstance(ids, str) or (ids is None and inputs.get("modality") is not None):
+            routed = torch.ones((), dtype=torch.bool, device=align.device)  # every token is routed to a branch
+        elif ids is not None or inputs.get("gate") is not None:
+            routed = ids >= 0 if ids is not None else inputs["gate"]
+            if routed.dim() == 1 and align.dim() > 1 and routed.shape[0] == align.shape[0]:
+                routed = routed.view(-1, *([1] * (align.dim() - 1)))  # one route per sample
+        else:
+            return None  # no route input: the default branch applies to every token, no routed-token term
+        try:
+            routed = torch.broadcast_to(routed.to(align.device), align.shape)
+        except RuntimeError:
+            return align  # shapes disagree: the layers' shape check names the argument
+        n_rare, n_cls = torch.stack([routed.sum(), align.sum()]).tolist()
+        if n_rare == 0 or n_cls == 0:
+            return None
+        if n_rare != n_cls:
+            raise ValueError(
+                f"align_mask marks {n_cls} tokens but {n_rare} tokens are routed to a branch; TARA's alignment loss "
+                "pairs them one to one, so the counts must be equal."
+            )
+        return align
 
     def _layer_kwargs(self, config: GatedLoraConfig, adapter_name: str, current_key: str) -> dict:
         gated = config.mode == "route" and module_matches(config.gated_modules, current_key)

@@ -159,7 +159,8 @@ class LoraMixerConfig(ExtConfig):
             self.top_k = min(2, E)
         if not _is_int(self.top_k) or not 1 <= self.top_k <= E:
             raise bad_value(self, "top_k", self.top_k, f"an integer in 1..num_experts (1..{E})")
-        self.check_positive("temperature")
+        if not _is_number(self.temperature) or self.temperature <= 0:
+            raise bad_value(self, "temperature", self.temperature, "a finite number > 0")
         self.check_probability("lora_dropout")
         self.r = self._per_expert("r", self.r, integer=True)
         self.lora_alpha = self._per_expert("lora_alpha", self.lora_alpha, integer=False)

@@ -13,6 +13,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _ExcludedModule, _maybe_inc
 from torch import nn
 
 from .._shared.base import ExtModel
+from .._shared.routing import route_value, value_range
 from .config import LoraMixerConfig
 from .experts import LoraExpert, read_lora_experts
 from .layer import LoraMixerLayer, LoraMixerLinear
@@ -63,14 +64,38 @@ class LoraMixerModel(ExtModel):
     With ``expert_adapters`` the PEFT LoRA folders are read once, checked to cover every target module, and copied
     into the experts; the config then records each expert's rank and α (and per-module differences in
     ``rank_pattern`` / ``alpha_pattern``) so the saved adapter rebuilds without the folders. ``expert_ids=`` is a
-    per-call input (``model(input_ids, expert_ids=ids)``) that forces one expert per token or per sample.
+    per-call input (``model(input_ids, expert_ids=ids)``) that forces one expert per token or per sample (-1: no
+    expert). Under ``generate`` a per-token ``expert_ids`` ``[batch, prompt length]`` covers the prompt; generated
+    tokens keep each sample's last given expert (``route_fill="last"``, the default), or take ``route_fill=e``
+    (an expert index, or -1 for none) passed with the call.
     """
 
     prefix: str = "lora_mixer_"
     tuner_layer_cls = LoraMixerLayer
     layer_cls = LoraMixerLinear
-    call_args = ("expert_ids",)
+    call_args = ("expert_ids", "route_fill")
+    token_inputs = {"expert_ids": "last"}
     has_aux_loss = True
+
+    def _check_call_inputs(self, inputs: dict) -> dict:
+        """``expert_ids`` (and ``route_fill``) must lie in -1..E-1 for every active adapter; checked once per call."""
+        ids = route_value("expert_ids", inputs.get("expert_ids"), kind="int", per_sample_ok=True)
+        fill = inputs.get("route_fill")
+        counts = sorted({self.peft_config[a].num_experts for a in self.active_adapters if a in self.peft_config})
+        if not counts:
+            return {**inputs, "expert_ids": ids}
+        E = counts[0]
+        expert = isinstance(fill, int) and not isinstance(fill, bool) and -1 <= fill < E
+        if fill is not None and fill != "last" and not expert:
+            raise ValueError(
+                f"route_fill (the expert of tokens beyond expert_ids, e.g. generated ones) must be 'last' or an "
+                f"expert index in -1..{E - 1} (-1: no expert); got {fill!r}."
+            )
+        span = value_range(ids) if ids is not None else None
+        if span is not None and (span[0] < -1 or span[1] >= E):
+            bad = ids[(ids < -1) | (ids >= E)].unique().tolist()[:8]
+            raise ValueError(f"expert_ids must lie in -1..{E - 1} (-1: no expert); got values {bad}.")
+        return {**inputs, "expert_ids": ids}
 
     def _prepare_adapter_config(self, peft_config: LoraMixerConfig, model_config: dict) -> LoraMixerConfig:
         if peft_config.target_modules is None:

@@ -8,6 +8,7 @@ architecture and SVD initialisation from *LoRA-XS: Low-Rank Adaptation with Extr
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
@@ -115,9 +116,13 @@ class LoraSBConfig(ExtConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if not isinstance(self.init_weights, bool):
+            raise bad_value(self, "init_weights", self.init_weights, "True or False")
         self.check_positive_int("r")
         if self.lora_alpha is not None:
-            self.check_positive("lora_alpha")
+            alpha = self.lora_alpha
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
+                raise bad_value(self, "lora_alpha", alpha, "None or a finite number > 0")
         self.check_probability("lora_dropout")
         key = self.init.lower() if isinstance(self.init, str) else self.init
         if key not in INIT_ALIASES:
@@ -136,8 +141,8 @@ class LoraSBConfig(ExtConfig):
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**31:
             raise bad_value(self, "seed", self.seed, "an integer in [0, 2**31)")
         std = self.r_init_std
-        if isinstance(std, bool) or not isinstance(std, (int, float)) or not std >= 0:
-            raise bad_value(self, "r_init_std", self.r_init_std, "a number >= 0")
+        if isinstance(std, bool) or not isinstance(std, (int, float)) or not 0 <= std < math.inf:
+            raise bad_value(self, "r_init_std", self.r_init_std, "a finite number >= 0")
 
     @property
     def scaling(self) -> float:

@@ -1,5 +1,6 @@
 """MoLA: *Higher Layers Need More LoRA Experts* (https://arxiv.org/abs/2402.08562); official code
-https://github.com/GCYZSL/MoLA. Presets in ``configs/``: MoLA-▽ / uniform / △, LLaVA-MoLE, Uni-MoE style."""
+https://github.com/GCYZSL/MoLA. Presets in ``configs/``: MoLA-▽ (``mola_inverted_triangle.yaml``) / uniform / △
+(``mola_triangle.yaml``), LLaVA-MoLE, and ``uni_moe_dense.yaml`` (a Uni-MoE analogue for dense bases)."""
 
 from .config import MolaConfig
 from .layer import MolaLayer, MolaLinear, balance_loss
@@ -14,11 +15,13 @@ SPEC = MethodSpec(
     paper_url="https://arxiv.org/abs/2402.08562",
     code_url="https://github.com/GCYZSL/MoLA",
     example_kwargs={"r": 8, "lora_alpha": 16, "num_experts": 8, "top_k": 2},
+    conformance_kwargs={"balance_loss_weight": 0.01},  # the official obalance=True weight is 0.001
     mergeable=False,
     lora_convertible=False,
     routed=True,
     summary="Mixture of LoRA experts per module with top-k routing; experts per layer by depth (MoLA-▽: 2/4/6/8).",
     overhead_target=1.35,
+    bench_variants=(("balance loss on (official obalance weight 0.001)", {"balance_loss_weight": 0.001}),),
 )
 
 __all__ = [

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._shared.base import ExtLayer, bad_value
+from .._shared.base import ExtLayer, bad_value, in_autograd_backward
 from .._shared.routing import expert_load, topk_route
 from .config import MolaConfig
 
@@ -133,14 +133,18 @@ class MolaLayer(ExtLayer):
 
     def _record_balance(self, adapter: str, probs: torch.Tensor, mask: torch.Tensor) -> None:
         weight = self.balance_loss_weight[adapter]
-        if weight == 0 or not torch.is_grad_enabled():
+        if weight == 0 or not self.aux_recording():
             return
         probs = probs.reshape(-1, probs.shape[-1])
         mask = mask.detach().reshape(-1, mask.shape[-1])
         if self.balance_loss_scope[adapter] == "module":
             self.record_aux_loss(weight * balance_loss(probs, mask, self.top_k[adapter]))
-        else:  # summed by MolaModel.aux_loss over the modules of one decoder layer; tagged with this forward's list
-            self.balance_stats[adapter] = (self.aux_losses, probs.sum(0), mask.sum(0), probs.shape[0])
+            return
+        # summed by MolaModel.aux_loss over the modules of one decoder layer; tagged with this forward's list. A
+        # checkpointing recompute inside backward repeats the operations but keeps the forward's statistics.
+        stats = (self.aux_losses, probs.sum(0), mask.sum(0), probs.shape[0])
+        if not in_autograd_backward():
+            self.balance_stats[adapter] = stats
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """Refused: a routed mixture has no single ΔW (see ``merge_refusal``)."""

@@ -68,9 +68,11 @@ class O3LoraConfig(ExtConfig):
     orth_reduction: str = field(
         default="block_mean",
         metadata={
-            "help": "How the per-module orthogonality terms are reduced: 'block_mean' (official: summed over the "
-            "modules of one transformer block, averaged over blocks; a module outside any numbered block counts as "
-            "a block of its own), 'module_mean' (averaged over adapted modules) or 'sum'."
+            "help": "How the per-module orthogonality terms are reduced: 'block_mean' (official: the sum over all "
+            "adapted modules divided by the model's number of decoder layers, config.num_hidden_layers, whether or "
+            "not a layer carries the adapter; when that is unknown, or smaller than the number of adapted blocks, "
+            "by the number of adapted blocks, a module outside any numbered block counting as a block of its own), "
+            "'module_mean' (averaged over adapted modules) or 'sum'."
         },
     )
     merge_gate: float = field(
@@ -93,8 +95,12 @@ class O3LoraConfig(ExtConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if not isinstance(self.init_weights, bool):
+            raise bad_value(self, "init_weights", self.init_weights, "True or False")
         self.check_positive_int("r")
-        self.check_positive("lora_alpha")
+        alpha = self.lora_alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
+            raise bad_value(self, "lora_alpha", alpha, "a finite number > 0")
         self.check_probability("lora_dropout")
         for name in ("orth_weight", "merge_gate"):
             value = getattr(self, name)

@@ -39,8 +39,9 @@ def block_key(module_name: str) -> str:
     """The transformer block a module belongs to: its name up to the first numeric component
     (``model.layers.3.self_attn.q_proj`` -> ``model.layers.3``); a name without one is its own block.
 
-    Used by the official ``block_mean`` reduction of the O3 orthogonality loss (https://arxiv.org/abs/2407.10223,
-    https://github.com/GCYZSL/O3-LLM-UNLEARNING): summed within a block, averaged over blocks.
+    Counts the adapted blocks for the ``block_mean`` reduction of the O3 orthogonality loss
+    (https://arxiv.org/abs/2407.10223, https://github.com/GCYZSL/O3-LLM-UNLEARNING) when the model's number of decoder
+    layers is unknown (see ``O3LoraModel.orth_block_count``).
     """
     match = _BLOCK.match(module_name)
     return match.group(1) if match else module_name
@@ -113,6 +114,7 @@ class O3LoraModel(ExtModel):
     tuner_layer_cls = O3LoraLayer
     layer_cls = O3LoraLinear
     call_args = ("ood_weight",)
+    token_inputs = {"ood_weight": "last"}  # per-token weights continue their last value; [batch] weights follow num_beams
     has_aux_loss = True
     _o3_gate_scorer: Optional[GateScorer] = None
 
@@ -219,7 +221,9 @@ class O3LoraModel(ExtModel):
 
     def orthogonality_loss(self, adapter_name: Optional[str] = None) -> Optional[torch.Tensor]:
         """The unweighted O3 orthogonality loss of ``adapter_name`` (default: the single active adapter), reduced
-        over modules by its config's ``orth_reduction``: ``Σ_modules Σ_j ‖A_j^prev · A_curᵀ‖_F² / divisor`` in fp32.
+        over modules by its config's ``orth_reduction``: ``Σ_modules Σ_j ‖A_j^prev · A_curᵀ‖_F² / divisor`` in fp32
+        (``block_mean``: the divisor is ``orth_block_count``, every decoder layer of the model as in the official
+        code — the paper does not say).
         Gradient reaches only the adapter's own A. None when the adapter has no earlier request to be orthogonal to.
         """
         if adapter_name is None:
@@ -257,8 +261,20 @@ class O3LoraModel(ExtModel):
         if config.orth_reduction == "module_mean":
             total = total / len(layers)
         elif config.orth_reduction == "block_mean":
-            total = total / len({block_key(n) for n, _ in layers})
+            total = total / self.orth_block_count(adapter_name)
         return total
+
+    def orth_block_count(self, adapter_name: str) -> int:
+        """The divisor of the ``block_mean`` orthogonality loss: the model's number of decoder layers
+        (``config.num_hidden_layers``) — the official code sums the per-layer terms and divides by every decoder layer
+        it runs, adapted or not (``layers_to_transform`` does not shrink it) — or the number of adapted blocks when the
+        model does not say or has more adapted blocks than that (e.g. encoder–decoder models, modules outside the layer
+        stack). O3 https://arxiv.org/abs/2407.10223, code https://github.com/GCYZSL/O3-LLM-UNLEARNING."""
+        adapted = len({block_key(n) for n, layer in self._named_o3_layers() if adapter_name in layer.o3_lora_down})
+        layers = getattr(getattr(self.model, "config", None), "num_hidden_layers", None)
+        if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
+            return max(adapted, 1)
+        return max(layers, adapted)
 
     def aux_loss(self) -> Optional[torch.Tensor]:
         """``Σ_active orth_weight · orthogonality_loss`` (plus any term a layer recorded), added to ``outputs.loss``

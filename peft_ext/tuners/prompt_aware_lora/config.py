@@ -8,13 +8,14 @@ llama.py``: ``Attention_LoRA``, ``LLAMA.forward_generate`` with ``scale_fc_1`` /
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
 from .._shared.base import ExtConfig, bad_value
 
 SCALE_MODES = ("rank", "output")
-NO_PROMPT = ("whole_input", "fixed")
+NO_PROMPT = ("error", "fixed", "whole_input")
 
 
 @dataclass
@@ -34,8 +35,9 @@ class PromptAwareLoraConfig(ExtConfig):
       channels, ``y = xWᵀ + (drop(x)AᵀBᵀ) ⊙ c``; needs every adapted layer's output width to be d (LLaMA-7B q/k/v/o;
       wrong for GQA k/v, which is refused).
 
-    The prompt is given per call with ``prompt_mask=`` (bool ``[batch, tokens]``, True on the instruction tokens);
-    see ``no_prompt`` for calls without it.
+    The prompt is given per call with ``prompt_mask=`` (bool ``[batch, tokens]``, True on the instruction tokens), as
+    WavLLM pools the instruction only. A stage-2 call without it raises by default (``no_prompt='error'``): pooling over
+    the whole input would let later tokens (labels, under teacher forcing) change the scales of earlier positions.
     """
 
     method_name: ClassVar[str] = "prompt_aware_lora"
@@ -90,10 +92,14 @@ class PromptAwareLoraConfig(ExtConfig):
         },
     )
     no_prompt: str = field(
-        default="whole_input",
+        default="error",
         metadata={
-            "help": "Calls without prompt_mask=: 'whole_input' uses every (attended) input token as the prompt; "
-            "'fixed' uses the plain LoRA scale α/r (no prompt pass)."
+            "help": "What a stage-2 call without prompt_mask= does (a call that continues a KV cache keeps its scales). "
+            "'error' (default): raise, so no model is trained or evaluated with scales that see future tokens. "
+            "'fixed': the plain LoRA scale α/r, no prompt pass (the adapter gets no gradient from such calls). "
+            "'whole_input': every (attended) input token is the prompt; NOT CAUSAL: later tokens (the labels, under "
+            "teacher forcing) change the logits of earlier positions, so training and generation differ and labels "
+            "leak; right only when the input is the prompt alone (e.g. generate from an instruction)."
         },
     )
 
@@ -103,6 +109,12 @@ class PromptAwareLoraConfig(ExtConfig):
         self.check_positive("lora_alpha")
         self.check_probability("lora_dropout")
         self.check_positive("clamp")
+        for name in ("lora_alpha", "clamp"):
+            if not math.isfinite(getattr(self, name)):
+                raise bad_value(self, name, getattr(self, name), "a finite number > 0")
+        for name in ("freeze_lora_in_stage2", "init_scale"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad_value(self, name, getattr(self, name), "True or False")
         if self.scale_mode not in SCALE_MODES:
             raise bad_value(self, "scale_mode", self.scale_mode, f"one of {list(SCALE_MODES)}")
         if self.no_prompt not in NO_PROMPT:

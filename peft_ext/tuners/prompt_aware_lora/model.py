@@ -85,11 +85,13 @@ class PromptAwareLoraModel(ExtModel):
     are gathered, left-aligned, into their own batch, like the official prompt-only pass), stopped as soon as the
     prompt representation ``H`` (by default the last block's output, before the final norm) is captured. The shared
     adapter ``prompt_aware_lora_pool[adapter]`` pools ``H`` into ``p``, which the layers turn into their scales; the
-    adapter gets its gradient through them. Without ``prompt_mask=`` the prompt is the whole (attended) input
-    (``no_prompt='whole_input'``) or the scale is α/r (``'fixed'``). A forward that continues a non-empty KV cache keeps
-    the scales of the call that started it, and ignores a ``prompt_mask`` it is given (``generate`` computes them once,
-    as the official ``forward_generate`` at ``start_pos == 0``). Models without a token axis (hidden states ``[rows, d]``) pool over
-    all rows of the call: one prompt, one scale vector for the call. Use non-reentrant gradient checkpointing.
+    adapter gets its gradient through them. A stage-2 forward without ``prompt_mask=`` raises by default
+    (``no_prompt='error'``); opt in to α/r (``'fixed'``) or to pooling over the whole (attended) input
+    (``'whole_input'``, not causal: later tokens change earlier positions' scales). A forward that continues a
+    non-empty KV cache keeps the scales of the call that started it, and ignores a ``prompt_mask`` it is given
+    (``generate`` computes them once, as the official ``forward_generate`` at ``start_pos == 0``). Models without a
+    token axis (hidden states ``[rows, d]``) pool over all rows of the call: one prompt, one scale vector for the call.
+    Use non-reentrant gradient checkpointing.
     """
 
     prefix: str = "prompt_aware_lora_"
@@ -229,6 +231,15 @@ class PromptAwareLoraModel(ExtModel):
             if all(a in layer.prompt_vec for layer in layers for a in adapters if a in layer.stage):
                 return None  # continuing a KV cache: keep the scales of the call that started it
         if prompt_mask is None:
+            refuse = [a for a in adapters if self.peft_config[a].no_prompt == "error"]
+            if refuse:
+                raise ValueError(
+                    f"prompt_aware_lora: adapter(s) {refuse} are in stage 2 and this forward has no prompt_mask=. Pass "
+                    "prompt_mask= (bool [batch, tokens], True on the instruction tokens; WavLLM pools the instruction "
+                    "only), or set PromptAwareLoraConfig.no_prompt to 'fixed' (the plain scale α/r for such calls) or "
+                    "'whole_input' (pools over every input token: not causal, later tokens and labels change earlier "
+                    "positions' logits)."
+                )
             fixed = [a for a in adapters if self.peft_config[a].no_prompt == "fixed"]
             for layer in layers:
                 for a in fixed:

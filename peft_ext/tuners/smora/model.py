@@ -23,24 +23,59 @@ def smora_layers(model: nn.Module) -> list[SmoraLayer]:
     return [m for m in model.modules() if isinstance(m, SmoraLayer)]
 
 
+def _all_reduce_load(pairs: list) -> None:
+    """Sum the accumulated selections and token counts of ``(layer, adapter)`` pairs over all processes, in place.
+
+    Under ``torch.distributed`` each rank counts only its own micro-batches; without this every rank would move its
+    bias by its own load and the replicas would drift apart (DDP's ``broadcast_buffers`` keeps only rank 0's). One
+    all-reduce of one flat float64 tensor (exact counts), in the same ``(layer, adapter)`` order on every rank, on the
+    device of the SMoRA buffers (the model's device: CUDA under NCCL). SMoRA https://arxiv.org/abs/2501.15103; no
+    public code.
+    """
+    import torch.distributed as dist
+
+    if not pairs or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    device = pairs[0][0].smora_bias[pairs[0][1]].device
+    parts = []
+    for layer, adapter in pairs:
+        parts.append(layer.load_sum[adapter].to(device=device, dtype=torch.float64))
+        parts.append(torch.tensor([float(layer.load_tokens[adapter])], dtype=torch.float64, device=device))
+    flat = torch.cat(parts)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = 0
+    for layer, adapter in pairs:
+        n = layer.load_sum[adapter].numel()
+        layer.load_sum[adapter] = flat[offset : offset + n].float()
+        layer.load_tokens[adapter] = int(round(flat[offset + n].item()))
+        offset += n + 1
+
+
 def update_smora_bias(
     model: nn.Module, adapter_name: Optional[str] = None, rate: Optional[float] = None
 ) -> dict[str, torch.Tensor]:
     """Apply the balancing-bias rule on every SMoRA layer of ``model`` (see ``SmoraLayer.update_bias``).
 
     ``adapter_name``: only that adapter (default: every adapter that accumulated load). Returns ``{module name:
-    load used}`` for the layers updated. Paper https://arxiv.org/abs/2501.15103; no public code.
+    load used}`` for the layers updated. When ``torch.distributed`` is initialised, the load of all processes is summed
+    first (one all-reduce), so every rank applies the same update from the global load; every rank must then call this
+    at the same step. Paper https://arxiv.org/abs/2501.15103; no public code.
     """
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, SmoraLayer)]
     if not layers:
         raise ValueError("update_smora_bias: the model has no SMoRA layers.")
+    todo = [
+        (name, layer, adapter)
+        for name, layer in layers
+        for adapter in ([adapter_name] if adapter_name else sorted(layer.load_tokens))
+        if adapter in layer.load_tokens
+    ]
+    _all_reduce_load([(layer, adapter) for _, layer, adapter in todo])
     used = {}
-    for name, layer in layers:
-        for adapter in [adapter_name] if adapter_name else list(layer.load_tokens):
-            if adapter in layer.load_tokens:
-                load = layer.update_bias(adapter, rate)
-                if load is not None:
-                    used[f"{name}.{adapter}" if not adapter_name else name] = load
+    for name, layer, adapter in todo:
+        load = layer.update_bias(adapter, rate)
+        if load is not None:
+            used[f"{name}.{adapter}" if not adapter_name else name] = load
     return used
 
 

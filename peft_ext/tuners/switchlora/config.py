@@ -6,6 +6,7 @@ https://arxiv.org/abs/2406.06564). Official code: https://github.com/asfsdsf/Swi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
@@ -28,10 +29,19 @@ class SwitchLoraConfig(ExtConfig):
     rounding). The partner of a switched vector (the column of B for a row of A, and vice versa) has its Adam moments
     and step count reset and its gradient zeroed for ``adam_warm_step`` steps.
 
-    Things to know: switching rewrites the base weight W of every targeted layer, so (1) a bitsandbytes-quantized base
-    is refused, (2) ``disable_adapter()`` after switches runs the *mutated* W, not the original base, (3) once a layer
-    has switched, ``save_pretrained`` stores its base weight with the adapter (and ``from_pretrained`` puts it back),
-    and (4) the candidate banks (``num_candidates·(in+out)`` values per layer) are saved too, so training can resume.
+    Initial compensation (``compensate_init``): the paper's init has a non-zero B, and the paper does not say what
+    happens to W; the official code (``layer2lora`` in ``switchlora/lora_utils.py``) subtracts ``s·B·A`` from W once
+    A and B are set, so training starts exactly at the base model's function (up to float rounding). That is the
+    default here; ``compensate_init=False`` keeps W and starts at ``W + s·B·A``.
+
+    Things to know: switching (and the initial compensation) rewrites the base weight W of every targeted layer, so
+    (1) a bitsandbytes-quantized base is refused, (2) ``disable_adapter()`` runs the *rewritten* W (with compensation,
+    ``W − s·B₀A₀`` from the start), not the original base, (3) once a layer's W is rewritten (from creation with
+    compensation, else from its first switch), ``save_pretrained`` stores it with the adapter and ``from_pretrained``
+    on the original base puts it back, reproducing the model, (4) merge / unmerge add / subtract ``s·B·A`` to / from
+    the rewritten W, so ``merge_and_unload()`` gives the trained model's function, and (5) the candidate banks
+    (``num_candidates·(in+out)`` values per layer, kept in float32 whatever the base dtype) are saved too, so training
+    can resume.
     """
 
     method_name: ClassVar[str] = "switchlora"
@@ -46,9 +56,19 @@ class SwitchLoraConfig(ExtConfig):
         metadata={
             "help": "True: the paper's initialisation, A and B (and their candidates) uniform in ±√3·std with "
             "std_A = ((√m·r)/n^{3/2})^{1/4}·√gain, std_B = (r/√(mn))^{1/4}·√gain, gain = √(1/3), m = out, n = in; "
-            "B is non-zero, so the adapter does NOT start as the identity (the paper does not compensate W at init). "
-            "False: the official code's 'origin_lora' init, A (and A-candidates) kaiming-uniform and B (and "
-            "B-candidates) zero, which starts as the identity."
+            "B is non-zero (see compensate_init for how the start still equals the base). False: the official "
+            "code's 'origin_lora' init, A (and A-candidates) kaiming-uniform and B (and B-candidates) zero, which "
+            "starts as the identity without touching W."
+        },
+    )
+    compensate_init: bool = field(
+        default=True,
+        metadata={
+            "help": "True (the official code's layer2lora; the paper is silent): at creation subtract s·B·A from the "
+            "base weight W, so the model starts exactly at the base function (up to float rounding); W is then "
+            "rewritten from step 0 and saved with the adapter, and disable_adapter() gives W − s·B·A, not the "
+            "original W. False: W is left alone and the model starts at W + s·B·A. No effect with "
+            "init_weights=False (B = 0)."
         },
     )
     num_candidates: Optional[int] = field(
@@ -112,8 +132,11 @@ class SwitchLoraConfig(ExtConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        for name in ("init_weights", "compensate_init", "fixed_interval", "reset_optimizer_state"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad_value(self, name, getattr(self, name), "True or False")
         self.check_positive_int("r")
-        self.check_positive("lora_alpha")
+        self.check_finite_positive("lora_alpha")
         self.check_probability("lora_dropout")
         if self.num_candidates is not None:
             self.check_positive_int("num_candidates")
@@ -126,15 +149,21 @@ class SwitchLoraConfig(ExtConfig):
                 raise bad_value(self, "bank_device", self.bank_device, "'cpu', another torch device string, or None")
         if isinstance(self.adam_warm_step, bool) or not isinstance(self.adam_warm_step, int) or self.adam_warm_step < 0:
             raise bad_value(self, "adam_warm_step", self.adam_warm_step, "an integer >= 0")
-        self.check_positive("switch_interval")
+        self.check_finite_positive("switch_interval")
         if self.switch_interval < 2 * self.adam_warm_step:
             raise bad_value(
                 self, "switch_interval", self.switch_interval,
                 f">= 2·adam_warm_step = {2 * self.adam_warm_step} (a partner must thaw before its vector switches)",
             )
-        self.check_positive("switch_descent_rate")
+        self.check_finite_positive("switch_descent_rate")
         rate = self.switch_rate_base
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate <= 1:
             raise bad_value(self, "switch_rate_base", rate, "a number in (0, 1]")
         if self.init_seed is not None and (isinstance(self.init_seed, bool) or not isinstance(self.init_seed, int)):
             raise bad_value(self, "init_seed", self.init_seed, "None or an integer")
+
+    def check_finite_positive(self, name: str) -> None:
+        """Raise a ValueError naming ``name`` unless it is a finite number > 0."""
+        value = getattr(self, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise bad_value(self, name, value, "a finite number > 0")

@@ -87,13 +87,21 @@ class SwitchLoraLayer(ExtLayer):
 
     Initialisation as in the official code: candidates uniform in ±bound (``init_bounds``); A starts as the last r
     A-candidates, B as the last r B-candidates rotated by r//2 (the B cursor starts r//2 ahead of the A cursor, so the
-    two never switch the same position at once).
+    two never switch the same position at once); with ``compensate_init`` (default, the official ``layer2lora``) the
+    base weight becomes ``W − s·B·A`` right away, so the layer starts at the base function and its W counts as
+    rewritten from step 0 (``base_weight_mutated``; ``save_pretrained`` stores it). Several SwitchLoRA adapters on one
+    layer share W: each compensated adapter subtracts its own start ``s·B₀A₀``, switches of any of them rewrite it,
+    and ``disable_adapter()`` / ``delete_adapter()`` leave it rewritten.
+
+    The candidate banks stay float32 whatever the base dtype (PEFT's device move would cast them to a bfloat16 base's
+    dtype and round every switched-out vector), so with float32 A and B (PEFT's default ``autocast_adapter_dtype``)
+    a switch moves vectors between A / B and the banks without rounding.
     """
 
     adapter_layer_names = ("switchlora_down", "switchlora_up")
     other_param_names = (
         "r", "lora_alpha", "scaling", "switchlora_dropout", "switchlora_bank", "switchlora_track", "bank_device",
-        "schedule",
+        "schedule", "init_compensated",
     )
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: SwitchLoraConfig, **kwargs) -> None:
@@ -105,6 +113,7 @@ class SwitchLoraLayer(ExtLayer):
                 "model without quantization (SwitchLoraConfig targets full-precision nn.Linear layers only)."
             )
         self.r, self.lora_alpha, self.scaling, self.bank_device, self.schedule = {}, {}, {}, {}, {}
+        self.init_compensated: dict[str, bool] = {}  # adapter -> its start s·B₀A₀ was subtracted from W
         self.switchlora_down = nn.ModuleDict({})
         self.switchlora_up = nn.ModuleDict({})
         self.switchlora_dropout = nn.ModuleDict({})
@@ -147,19 +156,38 @@ class SwitchLoraLayer(ExtLayer):
         self.switchlora_bank[adapter_name] = SwitchLoraBank(bank_a, bank_b)
         self.switchlora_track[adapter_name] = SwitchLoraTrack(slot_a, slot_b, r // 2)
         self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.init_compensated[adapter_name] = False
+        if config.compensate_init and bound_b > 0:
+            self._compensate_start(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
+    @torch.no_grad()
+    def _compensate_start(self, adapter: str) -> None:
+        """``W −= s·B·A`` (computed in float32) with A, B as stored after the move to the base device and dtype."""
+        A, B = self.switchlora_down[adapter].weight, self.switchlora_up[adapter].weight
+        W = self.get_base_layer().weight
+        if W.device.type == "meta" or A.device.type == "meta":
+            return  # loading onto empty weights: the saved W replaces it anyway
+        W.sub_((B.float() @ A.float() * self.scaling[adapter]).to(W.dtype))
+        self.init_compensated[adapter] = True
+
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
+        # The banks are taken out of PEFT's move, which would cast them to the base dtype (bfloat16 rounds them).
+        bank = self.switchlora_bank.pop(adapter_name) if adapter_name in self.switchlora_bank else None
         super()._move_adapter_to_device_of_base_layer(adapter_name, device)
-        self.place_bank(adapter_name)
+        if bank is not None:
+            self.switchlora_bank[adapter_name] = bank.float()
+            self.place_bank(adapter_name)
 
     def place_bank(self, adapter: str) -> None:
         """Keep the banks of ``adapter`` on their configured device (``bank_device``; None: beside the adapter)."""
-        target = self.bank_device.get(adapter)
-        if target is None or adapter not in self.switchlora_bank:
+        if adapter not in self.switchlora_bank:
             return
+        target = self.bank_device.get(adapter)
         bank = self.switchlora_bank[adapter]
-        target = torch.device(target)
+        target = torch.device(target) if target is not None else self.switchlora_down[adapter].weight.device
+        if target.type == "meta" or bank.a.device.type == "meta":
+            return
         if bank.a.device.type != target.type or (target.index is not None and bank.a.device.index != target.index):
             bank.to(target)
 
@@ -185,8 +213,11 @@ class SwitchLoraLayer(ExtLayer):
 
     # ---------------------------------------------------------------- switching
     def base_weight_mutated(self) -> bool:
-        """Whether a switch of any SwitchLoRA adapter has rewritten this layer's base weight."""
-        return any(int(track.switched) > 0 for track in self.switchlora_track.values())
+        """Whether this layer's base weight was rewritten: by the initial compensation of a SwitchLoRA adapter
+        (``compensate_init``) or by a switch of one."""
+        return any(self.init_compensated.values()) or any(
+            int(track.switched) > 0 for track in self.switchlora_track.values()
+        )
 
     def frozen_counts(self, adapter: str) -> tuple[int, int]:
         """Number of A-rows and of B-columns of ``adapter`` that are frozen right now."""

@@ -23,12 +23,16 @@ def switchlora_layers(model: nn.Module) -> list[SwitchLoraLayer]:
 class SwitchLoraModel(ExtModel):
     """SwitchLoRA tuner model (paper https://arxiv.org/abs/2406.06564, code https://github.com/asfsdsf/SwitchLoRA).
 
-    Switching rewrites the base weight of the targeted layers, so the adapter is not separable from its base once it
-    has switched: ``save_pretrained`` then also stores ``<layer>.base_layer.weight`` of every layer whose weight was
-    rewritten (without any merged ``s·B·A``), and ``PeftModel.from_pretrained`` on the original base model puts it
-    back, reproducing the trained model exactly. ``disable_adapter()`` and ``delete_adapter()`` keep the rewritten
-    weight (they do not give the original base back). Several SwitchLoRA adapters on one model share the base
-    weights they rewrite: train one at a time.
+    Switching, and the initial compensation ``W −= s·B₀A₀`` (``compensate_init``, default, as the official
+    ``layer2lora``), rewrite the base weight of the targeted layers, so the adapter is not separable from its base:
+    ``save_pretrained`` also stores ``<layer>.base_layer.weight`` of every layer whose weight was rewritten (without
+    any merged ``s·B·A``; with compensation that is every layer, from step 0), and ``PeftModel.from_pretrained`` on
+    the original base model puts it back, reproducing the model exactly. Merge / unmerge add / subtract ``s·B·A``
+    to / from the rewritten W (``merge_and_unload()`` is the trained model). ``disable_adapter()`` and
+    ``delete_adapter()`` keep the rewritten weight: with compensation, ``disable_adapter()`` gives ``W − s·B₀A₀``
+    from the start, not the original base. Several SwitchLoRA adapters on one model share the base weights they
+    rewrite (each compensated adapter subtracts its own start, which changes what the others compute): train one at
+    a time.
     """
 
     prefix: str = "switchlora_"
