@@ -171,12 +171,11 @@ def main(argv=None) -> None:
 
 
 def shutdown() -> None:
-    """Leave the process group cleanly, then exit without interpreter teardown (see the module docstring)."""
-    import torch.distributed as dist
+    """Leave the process group cleanly (as the ``peft-ext`` command does), then exit without interpreter teardown (see
+    the module docstring)."""
+    from peft_ext.cli import _close_process_group
 
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    _close_process_group(wait=True)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

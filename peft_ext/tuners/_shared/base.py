@@ -7,6 +7,7 @@ weights (``update_layer``), the adapter branch (``adapter_forward``) and ``get_d
 
 from __future__ import annotations
 
+import math
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -88,6 +89,7 @@ class ExtConfig(PeftConfig):
             raise bad_value(self, "layers_to_transform", self.layers_to_transform, "None when target_modules is a regex")
         if self.layers_pattern and self.layers_to_transform is None:
             raise bad_value(self, "layers_to_transform", None, "set when layers_pattern is set")
+        self.check_bool("init_weights")
 
     def check_positive_int(self, name: str) -> None:
         """Raise a ValueError naming ``name`` unless it is an integer >= 1."""
@@ -106,6 +108,19 @@ class ExtConfig(PeftConfig):
         value = getattr(self, name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
             raise bad_value(self, name, value, "a number in [0, 1)")
+
+    def check_bool(self, *names: str) -> None:
+        """Raise a ValueError naming the first of ``names`` that is not True or False."""
+        for name in names:
+            if not isinstance(getattr(self, name), bool):
+                raise bad_value(self, name, getattr(self, name), "True or False")
+
+    def check_finite(self, name: str, strict: bool = True) -> None:
+        """Raise a ValueError naming ``name`` unless it is a finite number > 0 (``strict``) or >= 0."""
+        value = getattr(self, name)
+        number = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+        if not number or not (value > 0 if strict else value >= 0):
+            raise bad_value(self, name, value, f"a finite number {'>' if strict else '>='} 0")
 
 
 def in_autograd_backward() -> bool:

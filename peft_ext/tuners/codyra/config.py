@@ -7,7 +7,6 @@ https://github.com/Artificer-AI-Lab/CoDyRA (``loralib/codyra.py``, ``models/cody
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -93,17 +92,13 @@ class CodyraConfig(ExtConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if not isinstance(self.init_weights, bool):
-            raise bad_value(self, "init_weights", self.init_weights, "True or False")
         self.check_positive_int("r")
         self.check_probability("lora_dropout")
         if self.threshold_mode not in THRESHOLD_MODES:
             raise bad_value(self, "threshold_mode", self.threshold_mode, f"one of {THRESHOLD_MODES}")
         if self.schedule not in SCHEDULES:
             raise bad_value(self, "schedule", self.schedule, f"one of {SCHEDULES}")
-        kappa = self.max_kappa
-        if isinstance(kappa, bool) or not isinstance(kappa, (int, float)) or not 0 <= kappa < math.inf:
-            raise bad_value(self, "max_kappa", kappa, "a finite number >= 0")
+        self.check_finite("max_kappa", strict=False)
         n = self.num_thresholds
         if isinstance(n, bool) or not isinstance(n, int) or n < 2:
             raise bad_value(self, "num_thresholds", n, "an integer >= 2")

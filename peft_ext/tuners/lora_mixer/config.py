@@ -159,14 +159,11 @@ class LoraMixerConfig(ExtConfig):
             self.top_k = min(2, E)
         if not _is_int(self.top_k) or not 1 <= self.top_k <= E:
             raise bad_value(self, "top_k", self.top_k, f"an integer in 1..num_experts (1..{E})")
-        if not _is_number(self.temperature) or self.temperature <= 0:
-            raise bad_value(self, "temperature", self.temperature, "a finite number > 0")
+        self.check_finite("temperature")
         self.check_probability("lora_dropout")
         self.r = self._per_expert("r", self.r, integer=True)
         self.lora_alpha = self._per_expert("lora_alpha", self.lora_alpha, integer=False)
-        for name in ("straight_through", "renormalize"):
-            if not isinstance(getattr(self, name), bool):
-                raise bad_value(self, name, getattr(self, name), "True or False")
+        self.check_bool("straight_through", "renormalize")
         if not _is_number(self.balance_loss_weight) or self.balance_loss_weight < 0:
             raise bad_value(self, "balance_loss_weight", self.balance_loss_weight, "a number >= 0 (0 disables)")
         if not _is_number(self.entropy_loss_weight):

@@ -116,8 +116,6 @@ class LoraSBConfig(ExtConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if not isinstance(self.init_weights, bool):
-            raise bad_value(self, "init_weights", self.init_weights, "True or False")
         self.check_positive_int("r")
         if self.lora_alpha is not None:
             alpha = self.lora_alpha
@@ -136,13 +134,10 @@ class LoraSBConfig(ExtConfig):
             raise bad_value(self, "svd_oversample", self.svd_oversample, "an integer >= 0")
         if self.factor_dtype not in FACTOR_DTYPES:
             raise bad_value(self, "factor_dtype", self.factor_dtype, f"one of {list(FACTOR_DTYPES)}")
-        if not isinstance(self.compensate, bool):
-            raise bad_value(self, "compensate", self.compensate, "True or False")
+        self.check_bool("compensate")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**31:
             raise bad_value(self, "seed", self.seed, "an integer in [0, 2**31)")
-        std = self.r_init_std
-        if isinstance(std, bool) or not isinstance(std, (int, float)) or not 0 <= std < math.inf:
-            raise bad_value(self, "r_init_std", self.r_init_std, "a finite number >= 0")
+        self.check_finite("r_init_std", strict=False)
 
     @property
     def scaling(self) -> float:

@@ -8,7 +8,6 @@ Official code: https://github.com/GCYZSL/O3-LLM-UNLEARNING (``ScienceQA_exprimen
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
@@ -95,17 +94,11 @@ class O3LoraConfig(ExtConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if not isinstance(self.init_weights, bool):
-            raise bad_value(self, "init_weights", self.init_weights, "True or False")
         self.check_positive_int("r")
-        alpha = self.lora_alpha
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
-            raise bad_value(self, "lora_alpha", alpha, "a finite number > 0")
+        self.check_finite("lora_alpha")
         self.check_probability("lora_dropout")
-        for name in ("orth_weight", "merge_gate"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise bad_value(self, name, value, "a finite number >= 0")
+        self.check_finite("orth_weight", strict=False)
+        self.check_finite("merge_gate", strict=False)
         if self.prev_adapters is None:
             self.prev_adapters = []
         if isinstance(self.prev_adapters, str):

@@ -8,7 +8,6 @@ llama.py``: ``Attention_LoRA``, ``LLAMA.forward_generate`` with ``scale_fc_1`` /
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
@@ -109,12 +108,9 @@ class PromptAwareLoraConfig(ExtConfig):
         self.check_positive("lora_alpha")
         self.check_probability("lora_dropout")
         self.check_positive("clamp")
-        for name in ("lora_alpha", "clamp"):
-            if not math.isfinite(getattr(self, name)):
-                raise bad_value(self, name, getattr(self, name), "a finite number > 0")
-        for name in ("freeze_lora_in_stage2", "init_scale"):
-            if not isinstance(getattr(self, name), bool):
-                raise bad_value(self, name, getattr(self, name), "True or False")
+        self.check_finite("lora_alpha")
+        self.check_finite("clamp")
+        self.check_bool("freeze_lora_in_stage2", "init_scale")
         if self.scale_mode not in SCALE_MODES:
             raise bad_value(self, "scale_mode", self.scale_mode, f"one of {list(SCALE_MODES)}")
         if self.no_prompt not in NO_PROMPT:

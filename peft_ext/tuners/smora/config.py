@@ -84,12 +84,8 @@ class SmoraConfig(ExtConfig):
             raise bad_value(self, "top_k", self.top_k, f"at most r / block_size ({self.num_blocks})")
         if self.gate_fn not in GATE_FNS:
             raise bad_value(self, "gate_fn", self.gate_fn, f"one of {GATE_FNS}")
-        for name in ("normalize_gates", "bias_in_gate"):
-            if not isinstance(getattr(self, name), bool):
-                raise bad_value(self, name, getattr(self, name), "True or False")
-        u = self.bias_update_rate
-        if isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 <= u < float("inf"):
-            raise bad_value(self, "bias_update_rate", u, "a finite number >= 0")
+        self.check_bool("normalize_gates", "bias_in_gate")
+        self.check_finite("bias_update_rate", strict=False)
 
     @property
     def num_blocks(self) -> int:

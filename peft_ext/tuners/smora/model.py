@@ -43,12 +43,11 @@ def _all_reduce_load(pairs: list) -> None:
         parts.append(torch.tensor([float(layer.load_tokens[adapter])], dtype=torch.float64, device=device))
     flat = torch.cat(parts)
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    offset = 0
-    for layer, adapter in pairs:
-        n = layer.load_sum[adapter].numel()
-        layer.load_sum[adapter] = flat[offset : offset + n].float()
-        layer.load_tokens[adapter] = int(round(flat[offset + n].item()))
-        offset += n + 1
+    chunks = flat.split([layer.load_sum[adapter].numel() + 1 for layer, adapter in pairs])  # [counts..., tokens]
+    tokens = torch.stack([chunk[-1] for chunk in chunks]).tolist()  # one device read for every pair
+    for (layer, adapter), chunk, count in zip(pairs, chunks, tokens):
+        layer.load_sum[adapter] = chunk[:-1].float()
+        layer.load_tokens[adapter] = int(round(count))
 
 
 def update_smora_bias(

@@ -6,7 +6,6 @@ https://arxiv.org/abs/2406.06564). Official code: https://github.com/asfsdsf/Swi
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
@@ -132,11 +131,9 @@ class SwitchLoraConfig(ExtConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("init_weights", "compensate_init", "fixed_interval", "reset_optimizer_state"):
-            if not isinstance(getattr(self, name), bool):
-                raise bad_value(self, name, getattr(self, name), "True or False")
+        self.check_bool("compensate_init", "fixed_interval", "reset_optimizer_state")
         self.check_positive_int("r")
-        self.check_finite_positive("lora_alpha")
+        self.check_finite("lora_alpha")
         self.check_probability("lora_dropout")
         if self.num_candidates is not None:
             self.check_positive_int("num_candidates")
@@ -149,21 +146,15 @@ class SwitchLoraConfig(ExtConfig):
                 raise bad_value(self, "bank_device", self.bank_device, "'cpu', another torch device string, or None")
         if isinstance(self.adam_warm_step, bool) or not isinstance(self.adam_warm_step, int) or self.adam_warm_step < 0:
             raise bad_value(self, "adam_warm_step", self.adam_warm_step, "an integer >= 0")
-        self.check_finite_positive("switch_interval")
+        self.check_finite("switch_interval")
         if self.switch_interval < 2 * self.adam_warm_step:
             raise bad_value(
                 self, "switch_interval", self.switch_interval,
                 f">= 2·adam_warm_step = {2 * self.adam_warm_step} (a partner must thaw before its vector switches)",
             )
-        self.check_finite_positive("switch_descent_rate")
+        self.check_finite("switch_descent_rate")
         rate = self.switch_rate_base
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate <= 1:
             raise bad_value(self, "switch_rate_base", rate, "a number in (0, 1]")
         if self.init_seed is not None and (isinstance(self.init_seed, bool) or not isinstance(self.init_seed, int)):
             raise bad_value(self, "init_seed", self.init_seed, "None or an integer")
-
-    def check_finite_positive(self, name: str) -> None:
-        """Raise a ValueError naming ``name`` unless it is a finite number > 0."""
-        value = getattr(self, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-            raise bad_value(self, name, value, "a finite number > 0")
