@@ -30,7 +30,6 @@ from peft import PeftModel
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING
 from peft.utils import PeftType, register_peft_method
 
-from ._io import atomic_write_text
 from .spec import MethodSpec
 
 
@@ -109,23 +108,6 @@ def _ext_specs_of(model) -> list[MethodSpec]:
     return found
 
 
-def model_card_section(specs: list[MethodSpec]) -> str:
-    """The markdown block peft-ext adds to a saved adapter's model card: method, paper citation, official code."""
-    lines = ["## peft-ext", ""]
-    for spec in specs:
-        lines.append(f"This adapter was trained with **{spec.name}** from [peft-ext](https://pypi.org/project/peft-ext/).")
-        lines.append("Load it with `PeftModel.from_pretrained` after `pip install peft-ext`.")
-        lines.append("")
-        lines.append(f"- Paper: *{spec.paper_title}* — {spec.paper_url}")
-        lines.append(f"- Official code: {spec.code_url or 'none public'}")
-        lines.append("")
-    lines.append("### Citation")
-    lines.append("")
-    for spec in specs:
-        lines.append(f"- {spec.paper_title}. {spec.paper_url}")
-    return "\n".join(lines) + "\n"
-
-
 def _patch_peft_model() -> None:
     if getattr(PeftModel, "_peft_ext_patched", False):
         return
@@ -144,16 +126,10 @@ def _patch_peft_model() -> None:
     def create_or_update_model_card(self, output_dir: str):
         orig_card(self, output_dir)
         specs = _ext_specs_of(self)
-        if not specs:
-            return
-        path = os.path.join(output_dir, "README.md")
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-        marker = "## peft-ext\n"
-        if marker in text:
-            text = text[: text.index(marker)].rstrip("\n") + "\n"
-        text = text.rstrip("\n") + "\n\n" + model_card_section(specs)
-        atomic_write_text(path, text)
+        if specs:
+            from .card import update_model_card
+
+            update_model_card(self, output_dir, specs)
 
     @functools.wraps(orig_save)
     def save_pretrained(self, save_directory, *args, **kwargs):
