@@ -285,3 +285,36 @@ def test_save_load_keeps_branches_and_routes(tmp_path, llama_inputs):
 def test_config_errors_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"GatedLoraConfig.{field} must be"):
         GatedLoraConfig(**kwargs)
+
+
+def test_training_forward_without_route_input_or_default_route_names_both_ways_out(llama_inputs):
+    """Issue 20: a bare config in training has no branch on for any token; it must say so at the forward, not let
+    autograd fail at backward ("does not require grad")."""
+    model = get_peft_model(tiny_llama(), GatedLoraConfig(r=4, branches=["a", "b"], target_modules=["q_proj"]))
+    model.train()
+    with pytest.raises(ValueError) as info:
+        model(llama_inputs, labels=llama_inputs)
+    message = str(info.value)
+    for part in ("gated_lora", "'default'", "route_ids=", "modality=", "gate=", "default_route", "['a', 'b']"):
+        assert part in message, part
+    # the ways out train: a route input with the call, or default_route
+    out = model(llama_inputs, labels=llama_inputs, route_ids=torch.zeros(2, 12, dtype=torch.long))
+    out.loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "gated_lora_up" in n)
+    with_default = get_peft_model(tiny_llama(), GatedLoraConfig(r=4, default_route="default", target_modules=["q_proj"]))
+    with_default.train()
+    with_default(llama_inputs, labels=llama_inputs).loss.backward()
+    # not a training forward: eval mode, no_grad (e.g. generate in train mode), disable_adapter() -> the base model
+    with torch.no_grad():
+        expected = tiny_llama()(llama_inputs).logits
+        assert torch.equal(model(llama_inputs).logits, expected)
+    with model.disable_adapter():
+        assert torch.equal(model(llama_inputs).logits.detach(), expected)
+    model.eval()
+    assert torch.equal(model(llama_inputs).logits.detach(), expected)
+    # ungated layers (gated_modules) apply the branch to every token, so the adapter trains without route inputs
+    partial = get_peft_model(
+        tiny_llama(), GatedLoraConfig(r=4, target_modules=["q_proj", "k_proj"], gated_modules=["k_proj"])
+    )
+    partial.train()
+    partial(llama_inputs, labels=llama_inputs).loss.backward()

@@ -33,7 +33,8 @@ class GatedLoraConfig(ExtConfig):
     ``-1`` = base only, ``b`` = branch index, or one id per sample, or a branch name for the whole call),
     ``modality=`` (bool mask for two branches: True = ``branches[0]``, e.g. vision; False = ``branches[1]``),
     ``gate=`` (bool mask: True = the ``default_route`` branch, or the only branch), and ``align_mask=`` (TARA's
-    class-word positions for the alignment loss). Without any of them every token uses ``default_route``.
+    class-word positions for the alignment loss). Without any of them every token uses ``default_route``; with
+    no ``default_route`` either, an eval forward is the base model and a training forward raises a ValueError.
 
     Papers: MTP https://arxiv.org/abs/2507.11851 (no code; unofficial https://github.com/siihwanpark/MTP-GLoRA),
     TARA https://arxiv.org/abs/2508.08812 (https://github.com/YuqiPeng77/TARA), Arcana MM-LoRA
@@ -74,7 +75,11 @@ class GatedLoraConfig(ExtConfig):
         default=None,
         metadata={
             "help": "Branch applied to every token when a call passes no route input (and the branch a bool gate= "
-            "switches on). None: such calls run the base model only. Merging merges this branch."
+            "switches on). Merging merges this branch. None (the default): such calls run the base model only, and a "
+            "training forward (train mode, autograd on) without route_ids= / modality= / gate= raises a ValueError "
+            "naming both ways out. The default stays None rather than a branch because the gate is the method: MTP "
+            "must leave next-token positions bit-identical to the base and TARA / MM-LoRA route per token, so a "
+            "forgotten route input must stop training, not silently train the branch on every token."
         },
     )
     gated_modules: Optional[Union[list[str], str]] = field(

@@ -20,7 +20,7 @@ from torch import nn
 from .._shared.base import ExtModel
 from .._shared.routing import route_value, value_range
 from .config import GatedLoraConfig
-from .layer import GatedLoraLayer, GatedLoraLinear
+from .layer import ROUTE_ARGS, GatedLoraLayer, GatedLoraLinear
 
 
 def module_matches(spec: Optional[Union[list[str], str]], key: str) -> bool:
@@ -123,6 +123,7 @@ class GatedLoraModel(ExtModel):
     def _check_call_inputs(self, inputs: dict) -> dict:
         """Check the route inputs once per call (dtypes, value ranges, ``route_fill``, TARA's token counts), on the
         values as given; the layers then check shapes only."""
+        self._check_a_branch_can_train(inputs)
         out = dict(inputs)
         routed = [self.peft_config[a] for a in self.active_adapters if a in self.peft_config]
         routed = [cfg for cfg in routed if cfg.mode == "route"]
@@ -157,6 +158,37 @@ class GatedLoraModel(ExtModel):
                     )
         out["align_mask"] = self._check_alignment(out)
         return out
+
+    def _check_a_branch_can_train(self, inputs: dict) -> None:
+        """A training forward (layers in training mode, autograd on) that passes no route input to an active adapter
+        without ``default_route`` would run every gated layer as the base model: the adapter would train nothing and
+        the user would learn it from autograd ("does not require grad"). Raise a ValueError naming both ways out.
+
+        Reads only Python state (which inputs were given, the config, the layers' flags), never a tensor value, so it
+        costs no device sync; the layers are visited only when no route input was given to such an adapter."""
+        if not torch.is_grad_enabled() or any(inputs.get(name) is not None for name in ROUTE_ARGS):
+            return
+        idle = [
+            a for a in self.active_adapters
+            if a in self.peft_config and self.peft_config[a].mode == "route" and self.peft_config[a].default_route is None
+        ]
+        if not idle:
+            return
+        layers = list(self.tuner_layers())
+        if not any(layer.training for layer in layers) or any(layer.disable_adapters for layer in layers):
+            return  # inference, or inside disable_adapter(): the base model is what the call asks for
+        for adapter in idle:
+            owned = [layer for layer in layers if adapter in layer.gated]
+            if not owned or not all(layer.gated[adapter] for layer in owned):
+                continue  # ungated layers (gated_modules) apply the branches to every token and train
+            cfg = self.peft_config[adapter]
+            raise ValueError(
+                f"gated_lora adapter {adapter!r}: this training forward passes no route input and the adapter has no "
+                f"default_route, so no branch is active for any token and the adapter trains nothing. Either pass "
+                f"route_ids= (branch index per token, -1 = base only), modality= or gate= with each call, or set "
+                f"GatedLoraConfig(default_route=...) to one of the branches {cfg.branches} to apply it to every "
+                f"token when a call passes no route input."
+            )
 
     def _check_alignment(self, inputs: dict) -> Optional[torch.Tensor]:
         """TARA pairs the i-th routed token with the i-th ``align_mask`` token: check once per call that the counts
