@@ -7,6 +7,21 @@ saved adapters load in processes that never import ``peft_ext``. See ``list_meth
 
 __version__ = "0.1.0"
 
+
+def _quiet_bitsandbytes_kernel_probe() -> None:
+    """Drop the one warning bitsandbytes logs at import on CPUs with AVX512-BF16 when it cannot download an optional
+    kernel from the Hub ("Failed to load CPU gemm_4bit_forward from kernels-community ..."): offline it always fails,
+    bitsandbytes falls back to its own kernel, and the line would open every ``peft-ext`` command. Takes effect when
+    peft_ext is imported before peft (the command, or ``import peft_ext`` first); every other record passes."""
+    import logging
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: "gemm_4bit_forward from kernels-community" not in str(record.msg)
+    )
+
+
+_quiet_bitsandbytes_kernel_probe()
+
 from .registry import MethodSpec, get_method, list_methods  # noqa: E402  (registers every method)
 from .tuners.dylora import DyLoraConfig, DyLoraModel  # noqa: E402
 from .tuners.nola import NolaConfig, NolaModel  # noqa: E402

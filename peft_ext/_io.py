@@ -51,3 +51,19 @@ def atomic_write_json(path: PathLike, payload: Any, indent: int = 2, **dump_kwar
 def atomic_savefig(fig, path: PathLike, **kwargs) -> Path:
     """Save a matplotlib figure as PNG to ``path`` atomically."""
     return atomic_write(path, lambda f: fig.savefig(f, format="png", **kwargs), binary=True)
+
+
+def safetensors_is_whole(path: PathLike) -> bool:
+    """True when ``path`` is a safetensors file whose header parses and whose tensors all fit inside the file.
+
+    Reads only the header: a file cut short by a kill or a partial copy fails, without loading any tensor."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if size <= 0 or size > os.path.getsize(path) - 8:
+                return False
+            header = json.loads(f.read(size))
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return 8 + size + max(ends, default=0) <= os.path.getsize(path)

@@ -29,6 +29,7 @@ from ._io import atomic_savefig, atomic_write_json, atomic_write_text  # noqa: E
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="peft-ext", description="LoRA-family methods from recent papers, on PEFT.")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of user errors")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train the method a recipe names")
@@ -74,9 +75,11 @@ def main(argv=None) -> int:
     try:
         status = {"train": cmd_train, "eval": cmd_eval, "compare": cmd_compare, "export": cmd_export,
                   "push": cmd_push, "methods": cmd_methods}[args.command](args)
-    except (RecipeError, FileNotFoundError) as exc:
-        print(f"peft-ext {args.command}: {exc}", file=sys.stderr)
+    except (RecipeError, UsageError, FileNotFoundError, NotADirectoryError, FileExistsError) as exc:
         _close_process_group(wait=False)
+        if args.debug:
+            raise
+        print(f"peft-ext {args.command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except BaseException:
         _close_process_group(wait=False)
@@ -125,7 +128,9 @@ def cmd_eval(args) -> int:
     from .recipe import load_recipe
     from .runner import evaluate
 
-    evaluate(load_recipe(args.recipe, args.overrides), args.adapter)
+    recipe = load_recipe(args.recipe, args.overrides)
+    _check_adapter_folder(args.adapter)
+    evaluate(recipe, args.adapter)
     return 0
 
 
@@ -228,18 +233,43 @@ def cmd_export(args) -> int:
     from peft.tuners.lora.conversion import save_as_lora
 
     adapter = Path(args.adapter)
-    if not (adapter / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{adapter} has no adapter_config.json; pass the folder written by train.")
+    _check_adapter_folder(adapter)
     config = PeftConfig.from_pretrained(adapter)
     model = PeftModel.from_pretrained(_base_model_for(config), adapter)
     if not model.supports_lora_conversion():
-        print(f"peft-ext export: {config.peft_type} adapters cannot be expressed as a LoRA.", file=sys.stderr)
-        return 2
+        raise UsageError(f"{adapter}: {config.peft_type} adapters cannot be expressed as a LoRA (see peft-ext methods).")
     rank = args.rank if args.rank is not None else getattr(config, "r", 8)
     rank = int(rank) if float(rank).is_integer() and rank >= 1 else float(rank)
     save_as_lora(args.out, model, rank=rank)
     print(f"plain LoRA (rank {rank}) written to {args.out}")
     return 0
+
+
+class UsageError(Exception):
+    """A user error the command reports in one line (exit status 2): a bad argument, a missing or broken file."""
+
+
+def _check_adapter_folder(adapter) -> None:
+    """Raise ``FileNotFoundError`` / ``UsageError`` unless ``adapter`` is a folder written by ``save_pretrained``: a
+    parseable adapter_config.json and whole adapter weights."""
+    from ._io import safetensors_is_whole
+
+    adapter = Path(adapter)
+    if not adapter.is_dir():
+        raise FileNotFoundError(f"--adapter {str(adapter)!r} is not a folder; pass the adapter folder written by train.")
+    config = adapter / "adapter_config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{adapter} has no adapter_config.json; pass the folder written by train.")
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{config} is not valid JSON ({exc}); save the adapter again.") from exc
+    weights = adapter / "adapter_model.safetensors"
+    if weights.is_file():
+        if not safetensors_is_whole(weights):
+            raise UsageError(f"{weights} is truncated or not a safetensors file; save or copy the adapter again.")
+    elif not (adapter / "adapter_model.bin").is_file():
+        raise FileNotFoundError(f"{adapter} has no adapter_model.safetensors; pass the folder written by train.")
 
 
 def _base_model_for(config):

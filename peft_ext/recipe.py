@@ -211,7 +211,10 @@ def load_recipe(path: Union[str, Path], overrides: Optional[list[str]] = None) -
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
-    return recipe_from_dict(data or {}, overrides)
+    if data is None:
+        raise RecipeError(f"Recipe file {str(path)!r} is empty; it needs at least a 'method' section "
+                          "(see recipes/tiny.yaml).")
+    return recipe_from_dict(data, overrides)
 
 
 def method_names() -> list[str]:
@@ -231,6 +234,10 @@ def _validate_semantics(recipe: Recipe) -> None:
     for name in recipe.method.config:
         if name not in allowed:
             raise unknown_key_error(f"method.config.{name}", name, allowed)
+    try:  # the config's own checks (ranges, types) before any model is loaded
+        config_cls(**recipe.method.config)
+    except (ValueError, TypeError) as exc:
+        raise RecipeError(f"method.config: {exc}") from exc
     if recipe.data.name not in DATA_NAMES:
         raise RecipeError(f"data.name must be one of {list(DATA_NAMES)}; got {recipe.data.name!r}.")
     if recipe.model.name not in MODEL_NAMES and not Path(recipe.model.name).is_dir():
@@ -239,6 +246,7 @@ def _validate_semantics(recipe: Recipe) -> None:
     for name in recipe.training:
         if name not in training_fields:
             raise unknown_key_error(f"training.{name}", name, training_fields)
+    _check_training_types(recipe.training, TrainingArguments)
     if recipe.evaluation.generate < 0:
         raise RecipeError(f"evaluation.generate must be an integer >= 0; got {recipe.evaluation.generate!r}.")
     if recipe.evaluation.generate and (recipe.model.task != "causal_lm" or recipe.data.name not in ("gsm", "bfcl")):
@@ -249,6 +257,30 @@ def _validate_semantics(recipe: Recipe) -> None:
         raise RecipeError(f"evaluation.ranks must be 'all', a list of integers or null; got {ranks!r}.")
     if isinstance(ranks, list) and not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in ranks):
         raise RecipeError(f"evaluation.ranks must list integers >= 1; got {ranks!r}.")
+
+
+def _check_training_types(training: dict, args_cls) -> None:
+    """Reject ``training`` values whose type does not match the ``TrainingArguments`` field (bool, int, float, str)."""
+    import typing
+
+    hints = typing.get_type_hints(args_cls)
+    for name, value in training.items():
+        hint = hints.get(name)
+        allowed = set(typing.get_args(hint)) if typing.get_args(hint) else {hint}
+        if value is None and type(None) in allowed:
+            continue
+        ok = None
+        if bool in allowed:
+            ok = isinstance(value, bool)
+        if ok is not True and int in allowed:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        if ok is not True and float in allowed:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok is not True and str in allowed:
+            ok = None if ok is None else isinstance(value, str)
+        if ok is False:
+            kinds = " or ".join(t.__name__ for t in (bool, int, float, str) if t in allowed)
+            raise RecipeError(f"training.{name} must be {kinds}; got {value!r}.")
 
 
 def method_config_class(name: str):

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import platform
+import re
 import resource
 import sys
 import tempfile
@@ -20,7 +21,7 @@ from typing import Optional
 
 import numpy as np
 
-from ._io import atomic_savefig, atomic_write_json
+from ._io import atomic_savefig, atomic_write_json, safetensors_is_whole
 from .recipe import Recipe, method_config_class, to_dict
 
 TOY_POSITIVE = ["great", "wonderful", "superb", "moving", "delightful", "brilliant", "charming", "fun"]
@@ -316,6 +317,57 @@ def evaluate_model(trainer, model, recipe: Recipe, tokenizer=None, raw_eval=None
     return rows
 
 
+def _checkpoint_tokens(checkpoint: str) -> int:
+    """Tokens seen before ``checkpoint`` (its ``trainer_state.json``)."""
+    return int(json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("num_input_tokens_seen", 0))
+
+
+def _checkpoint_complete(folder: Path) -> bool:
+    """True when a checkpoint folder has a parseable ``trainer_state.json`` and every weight file in it is whole.
+
+    A save killed midway leaves the state file missing or a weight file cut short. Whole files are recognised without
+    reading their tensors: a safetensors header whose offsets fit the file size, a zip (``torch.save``) whose central
+    directory, written last, is there.
+    """
+    import zipfile
+
+    try:
+        json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    weights = [f for f in folder.rglob("*") if f.suffix in (".safetensors", ".bin", ".pt", ".pth")]
+    if not any(f.suffix in (".safetensors", ".bin") for f in weights):
+        return False
+    for f in weights:
+        if f.suffix == ".safetensors":
+            if not safetensors_is_whole(f):
+                return False
+            continue
+        try:
+            with zipfile.ZipFile(f) as z:
+                z.namelist()
+        except (OSError, zipfile.BadZipFile):
+            return False
+    return True
+
+
+def _last_complete_checkpoint(folder) -> Optional[str]:
+    """Newest ``checkpoint-N`` under ``folder`` that is complete; incomplete newer ones are skipped with a warning."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    found = []
+    for d in folder.iterdir():
+        m = re.fullmatch(r"checkpoint-(\d+)", d.name)
+        if m and d.is_dir():
+            found.append((int(m.group(1)), d))
+    for _, d in sorted(found, reverse=True):
+        if _checkpoint_complete(d):
+            return str(d)
+        print(f"warning: --resume skips incomplete checkpoint {d} (half-written: missing or truncated files)", file=sys.stderr)
+    return None
+
+
 def train(recipe: Recipe, resume: bool = False, quiet: bool = False, extra_callbacks: Optional[list] = None) -> dict:
     """Train the recipe's method; save adapter, model card, ``metrics.json`` and a plot under ``recipe.output_dir``.
 
@@ -324,7 +376,6 @@ def train(recipe: Recipe, resume: bool = False, quiet: bool = False, extra_callb
     import transformers
     from peft import get_peft_model
     from transformers import Trainer
-    from transformers.trainer_utils import get_last_checkpoint
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = Path(recipe.output_dir)
@@ -337,9 +388,11 @@ def train(recipe: Recipe, resume: bool = False, quiet: bool = False, extra_callb
     args = _training_args(recipe, out, quiet)
     checkpoint = None
     if resume:
-        checkpoint = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+        checkpoint = _last_complete_checkpoint(args.output_dir)
         if checkpoint is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {args.output_dir}; train without --resume first.")
+            raise FileNotFoundError(f"--resume: no complete checkpoint in {args.output_dir}; train without --resume first.")
+    # read before training: save_total_limit may rotate the resumed checkpoint away during the run
+    tokens_before = _checkpoint_tokens(checkpoint) if checkpoint else 0
     trainer = Trainer(
         model=model,
         args=args,
@@ -362,13 +415,11 @@ def train(recipe: Recipe, resume: bool = False, quiet: bool = False, extra_callb
     adapter_dir = out / "adapter"
     main_process = trainer.is_world_process_zero()  # several processes (torchrun / accelerate): one writes
     if main_process:
-        model.save_pretrained(adapter_dir)
-        tokenizer.save_pretrained(adapter_dir)
+        save_adapter(model, tokenizer, adapter_dir)
     trainer.accelerator.wait_for_everyone()
     trainable, total = model.get_nb_trainable_parameters()
     tokens = trainer.state.num_input_tokens_seen  # non-padding tokens since the start of the run
-    if checkpoint:  # a resumed run: count only what this process trained, over this process's time
-        tokens -= json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("num_input_tokens_seen", 0)
+    tokens -= tokens_before  # a resumed run: count only what this process trained, over this process's time
     metrics = {
         "name": recipe.name,
         "method": recipe.method.name,
@@ -458,6 +509,30 @@ def plot_ranks(metrics: dict, path: Path) -> Optional[Path]:
     atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
     return path
+
+
+def save_adapter(model, tokenizer, adapter_dir) -> Path:
+    """Save adapter, config, model card and tokenizer into ``adapter_dir``, each file atomically.
+
+    Everything is written into a staging folder beside ``adapter_dir`` and then moved file by file with
+    ``os.replace``, so a kill at any moment leaves each file either the previous run's or this run's, whole.
+    """
+    import shutil
+
+    adapter_dir = Path(adapter_dir)
+    adapter_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{adapter_dir.name}-", dir=adapter_dir.parent))
+    try:
+        model.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        for src in sorted(p for p in staging.rglob("*") if p.is_file()):
+            dest = adapter_dir / src.relative_to(staging)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(src, dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return adapter_dir
 
 
 def _plain(value):

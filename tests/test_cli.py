@@ -60,7 +60,7 @@ def test_recipe_errors_name_the_key_and_allowed_values(tmp_path, overrides, mess
     args = ["train", str(TINY)] + [a for o in overrides for a in ("--set", o)]
     assert cli.main(args) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("peft-ext train:")  # one error line
+    assert err.count("\n") == 1 and err.startswith("peft-ext train: error:")  # one error line
 
 
 def test_missing_recipe_and_bad_yaml(tmp_path):
@@ -89,7 +89,7 @@ def test_resume_ends_with_the_same_adapter_as_an_uninterrupted_run(tmp_path):
     cut = tiny_recipe(tmp_path / "cut", "evaluation.baseline=false", "evaluation.plot=false")
     train(cut, quiet=True, extra_callbacks=[StopAt(4)])
     assert (tmp_path / "cut" / "checkpoints" / "checkpoint-4").is_dir()
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         train(tiny_recipe(tmp_path / "empty"), resume=True, quiet=True)
     metrics = train(cut, resume=True, quiet=True)
     assert metrics["train_steps"] == 8
