@@ -4,7 +4,7 @@
     peft-ext eval recipes/quickstart.yaml --adapter out/quickstart/adapter
     peft-ext compare recipes/quickstart.yaml --methods lora,dylora,nola
     peft-ext export out/quickstart/adapter --to lora --out out/quickstart/lora [--rank 8]
-    peft-ext push out/quickstart/adapter user/my-adapter [--private]
+    peft-ext push out/quickstart/adapter user/my-adapter [--private] [--base-model ID] [--dry-run [--out FOLDER]]
     peft-ext methods
 
 Recipes are YAML files (``peft_ext/recipe.py`` documents every key). Every method comes from the registry; the
@@ -60,6 +60,11 @@ def _parser() -> argparse.ArgumentParser:
     h = sub.add_parser("push", help="upload an adapter folder, model card included, to the Hugging Face Hub")
     h.add_argument("adapter", help="adapter folder")
     h.add_argument("repo_id", help="user/name")
+    h.add_argument("--base-model", metavar="ID",
+                   help="Hub id of the base model, for a base the adapter does not know (a local folder)")
+    h.add_argument("--dry-run", action="store_true",
+                   help="write the files that would be uploaded into --out and list them; no network")
+    h.add_argument("--out", metavar="FOLDER", help="folder for --dry-run (default: <adapter>-push next to it)")
     h.add_argument("--private", action="store_true")
     h.add_argument("--token", help="Hub token (default: the logged-in one)")
 
@@ -289,10 +294,26 @@ def _base_model_for(config):
 
 
 def cmd_push(args) -> int:
-    """``peft-ext push``: upload the adapter folder as written by ``save_pretrained`` (card kept)."""
-    from .hub import push_folder
+    """``peft-ext push``: upload the adapter folder with the base model's Hub id in its config and a card rendered
+    for the repository; ``--dry-run`` writes those files into ``--out`` instead, without network."""
+    from .hub import PushError, dry_run, push_folder
 
-    push_folder(args.adapter, args.repo_id, token=args.token, private=args.private or None)
+    _check_adapter_folder(args.adapter)
+    if args.out and not args.dry_run:
+        raise UsageError("--out applies to --dry-run only; add --dry-run, or drop --out to upload.")
+    try:
+        if args.dry_run:
+            adapter = Path(args.adapter)
+            out = Path(args.out) if args.out else adapter.absolute().parent / f"{adapter.absolute().name}-push"
+            files = dry_run(adapter, args.repo_id, out, base_model=args.base_model)
+            print(f"dry run: {len(files)} files would be uploaded to {args.repo_id}; written to {out}:")
+            for name in files:
+                print(f"  {name}")
+            return 0
+        push_folder(args.adapter, args.repo_id, base_model=args.base_model, token=args.token,
+                    private=args.private or None)
+    except PushError as exc:
+        raise UsageError(str(exc).removeprefix("push: ")) from exc
     print(f"pushed {args.adapter} to {args.repo_id}")
     return 0
 

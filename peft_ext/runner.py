@@ -415,7 +415,8 @@ def train(recipe: Recipe, resume: bool = False, quiet: bool = False, extra_callb
     adapter_dir = out / "adapter"
     main_process = trainer.is_world_process_zero()  # several processes (torchrun / accelerate): one writes
     if main_process:
-        save_adapter(model, tokenizer, adapter_dir)
+        run_card = card_run_facts(recipe, args, len(train_set), len(eval_set), rows, baseline, result, train_time)
+        save_adapter(model, tokenizer, adapter_dir, card_run=run_card)
     trainer.accelerator.wait_for_everyone()
     trainable, total = model.get_nb_trainable_parameters()
     tokens = trainer.state.num_input_tokens_seen  # non-padding tokens since the start of the run
@@ -511,11 +512,13 @@ def plot_ranks(metrics: dict, path: Path) -> Optional[Path]:
     return path
 
 
-def save_adapter(model, tokenizer, adapter_dir) -> Path:
+def save_adapter(model, tokenizer, adapter_dir, card_run: Optional[dict] = None) -> Path:
     """Save adapter, config, model card and tokenizer into ``adapter_dir``, each file atomically.
 
     Everything is written into a staging folder beside ``adapter_dir`` and then moved file by file with
     ``os.replace``, so a kill at any moment leaves each file either the previous run's or this run's, whole.
+    ``card_run`` (``card_run_facts``) adds the run's data, training arguments and results to the model card
+    (``peft_ext.card``), for peft-ext methods and PEFT's LoRA alike.
     """
     import shutil
 
@@ -524,6 +527,10 @@ def save_adapter(model, tokenizer, adapter_dir) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{adapter_dir.name}-", dir=adapter_dir.parent))
     try:
         model.save_pretrained(staging)
+        if card_run is not None:
+            from .card import write_model_card
+
+            write_model_card(model, staging, run=card_run)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         for src in sorted(p for p in staging.rglob("*") if p.is_file()):
@@ -533,6 +540,47 @@ def save_adapter(model, tokenizer, adapter_dir) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return adapter_dir
+
+
+TINY_MODELS = {
+    "tiny-bert": "a randomly initialised 2-layer BERT (hidden size 64) that peft-ext builds from its config for tests",
+    "tiny-llama": "a randomly initialised 2-layer Llama (hidden size 64) that peft-ext builds from its config for tests",
+}
+
+
+def card_run_facts(recipe: Recipe, args, n_train: int, n_eval: int, rows: list, baseline: Optional[dict], result,
+                   train_time: float) -> dict:
+    """What the model card records about a run: data and split, training arguments, results (``peft_ext.card``)."""
+    import torch
+
+    from .card import TRAINING_ARGS, dataset_facts
+
+    values = args.to_dict()
+    chosen = [k for k in TRAINING_ARGS if k in values] + sorted(k for k in recipe.training if k not in TRAINING_ARGS)
+    training = {}
+    for key in chosen:
+        value = values.get(key, recipe.training.get(key))
+        if key == "max_steps" and value is not None and value <= 0:
+            continue
+        if "dir" in key or "path" in key or "token" in key or "hub" in key:  # never the machine's paths or secrets
+            continue
+        training[key] = value
+    base = None if baseline is None else {
+        "eval_loss": baseline["eval_loss"], **({"accuracy": baseline["eval_accuracy"]} if "eval_accuracy" in baseline else {})
+    }
+    return {
+        "name": recipe.name,
+        "base_description": TINY_MODELS.get(recipe.model.name, ""),
+        "data": dataset_facts(recipe.data.name, recipe.data.seed, n_train, n_eval, recipe.data.max_length),
+        "training": training,
+        "results": rows,
+        "baseline": base,
+        "generate": recipe.evaluation.generate or None,
+        "train_loss": result.training_loss,
+        "train_steps": result.global_step,
+        "train_time": train_time,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU",
+    }
 
 
 def _plain(value):

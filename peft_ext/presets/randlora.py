@@ -17,8 +17,9 @@ Because ``n`` differs from layer to layer (e.g. the narrow k/v projections of gr
 returns a :class:`RandLoraPaperConfig` (a ``RandLoraConfig`` whose ``paper_scaling`` field survives
 ``save_pretrained``), and each RandLoRA layer's ``scaling[adapter]`` is set to ``α/(r·√n)`` after injection:
 
-* by :func:`post_injection_paper_scaling`, the tuner hook the registry runs after every ``inject_adapter`` (so
-  ``get_peft_model``, ``add_adapter``, ``load_adapter`` and ``PeftModel.from_pretrained`` all get the paper scale);
+* by :func:`post_injection_paper_scaling`, the tuner hook ``peft_ext.patches`` runs after every ``inject_adapter``
+  (so ``get_peft_model``, ``add_adapter``, ``load_adapter`` and ``PeftModel.from_pretrained`` all get the paper
+  scale; PEFT's config table loads a saved config as this class only when it says ``"paper_scaling": true``);
 * or by hand with :func:`apply_paper_scaling` (public PEFT API only; idempotent), and
   :func:`randlora_from_pretrained` to reload a saved paper-scaled adapter without that hook.
 
@@ -51,10 +52,11 @@ class RandLoraPaperConfig(RandLoraConfig):
 
     Paper: https://arxiv.org/abs/2502.00987; official code: https://github.com/PaulAlbert31/RandLoRA.
     ``peft_type`` stays ``RANDLORA`` and every other field means what it means upstream. With
-    ``paper_scaling=False`` this config behaves exactly like ``RandLoraConfig`` (the registry loads every saved
-    RandLoRA adapter through this class so that the marker survives ``PeftModel.from_pretrained``). A process
-    without peft-ext ignores the unknown ``paper_scaling`` key with PEFT's "Unexpected keyword arguments" warning
-    and falls back to upstream's ``α/r``.
+    ``paper_scaling=False`` this config behaves exactly like ``RandLoraConfig``. ``peft_ext.patches`` loads a saved
+    RandLoRA config through this class when the file says ``"paper_scaling": true`` (so the marker survives
+    ``PeftModel.from_pretrained``) and as plain ``RandLoraConfig`` otherwise. A process without peft-ext ignores the
+    unknown ``paper_scaling`` key with PEFT's "Unexpected keyword arguments" warning and falls back to upstream's
+    ``α/r``.
     """
 
     paper_scaling: bool = field(
@@ -148,7 +150,7 @@ def post_injection_paper_scaling(tuner, adapter_name: str) -> None:
     when its config says ``paper_scaling`` (https://arxiv.org/abs/2502.00987;
     https://github.com/PaulAlbert31/RandLoRA). A no-op for plain upstream RandLoRA configs.
 
-    ``peft_ext.registry`` calls this from its wrapper of ``peft.tuners.randlora.RandLoraModel.inject_adapter``, which
+    ``peft_ext.patches`` calls this from its wrapper of ``peft.tuners.randlora.RandLoraModel.inject_adapter``, which
     runs for ``get_peft_model``, ``add_adapter``, ``load_adapter`` and ``PeftModel.from_pretrained``.
     """
     config = tuner.peft_config.get(adapter_name)
