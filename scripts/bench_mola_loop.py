@@ -8,8 +8,9 @@ oracle below re-implements that algorithm (our own code) on the same weights; ``
 applies ``B_all`` in one more GEMM.
 
 Measured: one training step of the adapter branch (forward + backward w.r.t. router, A and B) at each setting, the
-two implementations taking turns (interleaved, median over repetitions), plus a plain LoRA of the same rank r for
-scale. The outputs and gradients are checked to agree before timing. Timings are reported, never asserted.
+two implementations taking turns (interleaved, median over repetitions; ``benchlib.interleaved_times``, which pauses
+Python's cyclic garbage collector while timing), plus a plain LoRA of the same rank r for scale. The outputs and
+gradients are checked to agree before timing. Timings are reported, never asserted.
 
 Rerun (from the repository root)::
 
@@ -20,19 +21,16 @@ Rerun (from the repository root)::
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
-import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import benchlib  # first: it sets HF_HUB_OFFLINE before transformers is imported
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-
-import peft_ext  # noqa: E402,F401
-from peft_ext.tuners.mola import MolaConfig, MolaLinear  # noqa: E402
+import peft_ext  # noqa: F401
+from peft_ext.tuners.mola import MolaConfig, MolaLinear
 
 
 def loop_branch(x, Wr, A, B, E, k, r, scale):
@@ -102,17 +100,11 @@ def main(argv=None) -> int:
             print(f"MISMATCH at E={E} k={k}: max |fused - loop| = {diff:.2e}, gradients match: {grads_match}")
             return 1
         calls = {"fused": fused, "loop": loop, "lora": lora}
-        times = {key: [] for key in calls}
         for fn in calls.values():
             fn()
-        for rep in range(args.repeats):
-            keys = list(calls)
-            for key in keys[rep % 3:] + keys[: rep % 3]:
-                t0 = time.perf_counter()
-                calls[key]()
-                times[key].append((time.perf_counter() - t0) * 1000)
+        times = benchlib.interleaved_times(calls, args.repeats)
         med = {key: statistics.median(v) for key, v in times.items()}
-        ratio = statistics.median(a / b for a, b in zip(times["loop"], times["fused"]))
+        ratio = benchlib.paired_ratio(times["loop"], times["fused"])
         print(f"| {E} | {k} | {med['fused']:.2f} | {med['loop']:.2f} | {ratio:.2f}x | {med['lora']:.2f} | "
               f"{med['fused'] / med['lora']:.2f}x |")
     return 0

@@ -52,34 +52,28 @@ thread per core can make every step many times slower (threads spin waiting for 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import dataclasses
 import functools
 import gc
 import os
-import platform
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import benchlib  # first: it sets HF_HUB_OFFLINE before transformers is imported
+import torch
+from benchlib import MIB, fmt, interleaved_times, paired_ratio, seed_everything
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-import peft  # noqa: E402
-import transformers  # noqa: E402
-from peft import LoraConfig, get_peft_model  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
-
-import peft_ext  # noqa: E402
-from peft_ext._io import atomic_write_json  # noqa: E402
+import peft_ext
+from peft_ext._io import atomic_write_json
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
-MIB = 2**20
 
 MERGED_INFERENCE_TARGET = 1.02
 
@@ -150,7 +144,7 @@ class Trainee:
 
     def trainable_params(self) -> int:
         """Number of trainable parameters (unique tensors)."""
-        return sum(p.numel() for p in {id(p): p for p in self.params}.values())
+        return benchlib.trainable_param_count(self.params)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -179,10 +173,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="'auto' (cuda if available, else cpu), 'cpu' or 'cuda'")
     p.add_argument("--out", default="results/bench_overhead.json", help="JSON output path")
     args = p.parse_args(argv)
-    preset = QUICK_SIZES if args.quick else FULL_SIZES
-    for name, value in preset.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    preset = benchlib.apply_sizes(args, FULL_SIZES, QUICK_SIZES)
     for name in preset:
         if getattr(args, name) is not None and getattr(args, name) < (0 if name == "warmup" else 1):
             p.error(f"--{name.replace('_', '-')} must be positive; got {getattr(args, name)}")
@@ -195,20 +186,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     return args
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's, torch's (CPU and CUDA) and, if installed, numpy's global RNGs."""
-    import random
-
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed)
-    except ImportError:
-        pass
 
 
 def build_base_model(args: argparse.Namespace) -> LlamaForCausalLM:
@@ -288,12 +265,6 @@ def build_variants(args: argparse.Namespace) -> tuple[list[Variant], list[dict]]
     return list(lora.values()) + ext, skipped
 
 
-def _sync(device: str) -> None:
-    """Wait for queued device work (CUDA) so wall-clock timings are complete; no-op on CPU."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def _memory_events(prof) -> list[int]:
     """Signed sizes of the CPU allocation (+) and free (-) events a ``torch.profiler`` run recorded, in time order.
 
@@ -314,12 +285,7 @@ def _state_bytes(trainee: Trainee) -> dict:
         if ptr not in seen:
             seen.add(ptr)
             model_bytes += t.untyped_storage().nbytes()
-    opt_bytes = sum(
-        v.untyped_storage().nbytes()
-        for state in trainee.optimizer.state.values()
-        for v in state.values()
-        if torch.is_tensor(v)
-    )
+    opt_bytes = benchlib.optimizer_state_bytes(trainee.optimizer)
     return {"params_and_buffers_mib": model_bytes / MIB, "optimizer_state_mib": opt_bytes / MIB}
 
 
@@ -382,50 +348,6 @@ def measure_memory(variant: Variant, base_model: nn.Module, batch: dict, args: a
     return result
 
 
-@contextlib.contextmanager
-def _no_gc():
-    """Collect once, then keep Python's cyclic garbage collector off while timing (its pauses land on whichever
-    variant happens to run; tensors are freed by reference counting regardless)."""
-    gc.collect()
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
-def interleaved_times(calls: dict[str, Callable[[], Any]], repeats: int, inner: int, device: str) -> dict:
-    """Wall time (ms per call) of every callable: ``repeats`` repetitions of ``inner`` calls each.
-
-    Within a repetition the callables take turns call by call (round-robin, the first one rotating every
-    repetition), so every variant's repetition spans the same stretch of time and a change in machine load hits all
-    of them alike; that is what makes the per-repetition ratios of ``paired_ratio`` meaningful.
-    """
-    keys = list(calls)
-    times: dict[str, list[float]] = {k: [] for k in keys}
-    with _no_gc():
-        for rep in range(repeats):
-            order = keys[rep % len(keys):] + keys[: rep % len(keys)]
-            total = dict.fromkeys(keys, 0.0)
-            for _ in range(inner):
-                for key in order:
-                    _sync(device)
-                    t0 = time.perf_counter()
-                    calls[key]()
-                    _sync(device)
-                    total[key] += time.perf_counter() - t0
-            for key in keys:
-                times[key].append(total[key] * 1000 / inner)
-    return times
-
-
-def paired_ratio(times: list[float], ref_times: list[float]) -> float:
-    """Median over repetitions of ``times[i] / ref_times[i]`` (both measured in the same interleaved repetition)."""
-    return statistics.median(t / r for t, r in zip(times, ref_times))
-
-
 def time_training(trainees: list[Trainee], batch: dict, args: argparse.Namespace) -> dict[str, list[float]]:
     """Per-step wall time (ms) of every trainee after ``args.warmup`` steps each: ``args.repeats`` repetitions of
     ``args.steps`` optimizer steps, interleaved step by step (see ``interleaved_times``)."""
@@ -474,16 +396,16 @@ def time_inference(models: dict[str, nn.Module], batch: dict, args: argparse.Nam
     return interleaved_times(calls, args.repeats, args.infer_iters, args.device)
 
 
-def _fmt(value: Optional[float], spec: str, suffix: str = "") -> str:
-    """Format a number for the table, '—' for missing."""
-    return "—" if value is None else f"{value:{spec}}{suffix}"
+def _fmt(value: Optional[float], spec: str) -> str:
+    """Format a number for the table, '—' (an em dash) for missing."""
+    return fmt(value, spec, missing="—")
 
 
 def markdown_table(rows: list[dict]) -> str:
     """The results as a markdown table."""
     head = ["method", "variant", "trainable params", "step ms (median)", "× LoRA", "peak mem MiB", "mem × LoRA",
             "merged inf × base", "target", "meets target"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
+    cells = []
     for r in rows:
         targets = []
         if r["step_time_target"] is not None:
@@ -491,13 +413,13 @@ def markdown_table(rows: list[dict]) -> str:
         if r["merged_inference_target"] is not None:
             targets.append(f"merged ≤ {r['merged_inference_target']:.2f}×")
         meets = {True: "yes", False: "**no**", None: "—"}[r["meets_target"]]
-        lines.append("| " + " | ".join([
+        cells.append([
             r["method"], r["variant"], f"{r['trainable_params']:,}", _fmt(r["step_ms_median"], ".1f"),
             _fmt(r["step_time_ratio_vs_lora"], ".3f"), _fmt(r["peak_mem_mib"], ".1f"),
             _fmt(r["mem_ratio_vs_lora"], ".3f"), _fmt(r["merged_inference_ratio_vs_base"], ".3f"),
             ", ".join(targets) or "—", meets,
-        ]) + " |")
-    return "\n".join(lines)
+        ])
+    return benchlib.markdown(head, cells)
 
 
 def write_json(path: str, payload: dict) -> None:
@@ -505,31 +427,18 @@ def write_json(path: str, payload: dict) -> None:
     atomic_write_json(path, payload, allow_nan=False)
 
 
-def _load_average() -> Optional[list[float]]:
-    """The 1/5/15-minute load averages (None where the OS has none): other processes skew CPU timings."""
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
-
-
-LOAD_AT_START = _load_average()
+LOAD_AT_START = benchlib.load_average()
 
 
 def environment(args: argparse.Namespace) -> dict:
     """Versions and machine facts that matter for reading the timings."""
     env = {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
+        **benchlib.versions(),
         "peft_ext": peft_ext.__version__,
         "device": args.device,
         "torch_num_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
         "load_average_at_start": LOAD_AT_START,
-        "load_average_at_end": _load_average(),
+        "load_average_at_end": benchlib.load_average(),
     }
     if args.device.startswith("cuda"):
         env["cuda_device"] = torch.cuda.get_device_name()

@@ -46,14 +46,12 @@ import tempfile
 import time
 from typing import Optional
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import benchlib  # first: it sets HF_HUB_OFFLINE before transformers is imported
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import peft_ext  # noqa: E402
-from peft_ext._io import atomic_write_json  # noqa: E402
+import peft_ext
+from peft_ext._io import atomic_write_json
 
 TARGETS = ["query", "value"]
 ALL_METHODS = ["lora", "lora_xs", "lora_sb", "dylora", "nola", "codyra", "randlora_paper", "randlora_upstream"]
@@ -78,22 +76,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if unknown:
         p.error(f"--methods: unknown {unknown}; allowed: {ALL_METHODS}")
     return args
-
-
-def load_data(args, tokenizer):
-    from peft_ext.data import load_movie_reviews
-
-    data = load_movie_reviews(seed=args.seed)
-    train = data["train"].select(range(args.n_train))
-    test = data["test"].select(range(args.n_eval))
-
-    def encode(batch):
-        out = tokenizer(batch["text"], truncation=True, max_length=args.max_length)
-        out["labels"] = batch["label"]
-        return out
-
-    return (train.map(encode, batched=True, remove_columns=train.column_names),
-            test.map(encode, batched=True, remove_columns=test.column_names))
 
 
 def method_setup(name: str):
@@ -127,13 +109,11 @@ def method_setup(name: str):
 
 def run_method(name: str, args, tokenizer, train_set, eval_set, workdir: str) -> dict:
     from peft import get_peft_model
-    from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer, TrainingArguments
+    from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer
 
     from peft_ext.data import minilm_path
 
-    import transformers
-
-    transformers.set_seed(args.seed)
+    benchlib.seed_everything(args.seed)
     config, lr = method_setup(name)
     base = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2, dtype=torch.float32)
     model = get_peft_model(base, config)
@@ -148,19 +128,13 @@ def run_method(name: str, args, tokenizer, train_set, eval_set, workdir: str) ->
     spec = None if name in ("lora", "lora_xs", "lora_sb") or name.startswith("randlora") else peft_ext.get_method(name)
     if spec is not None and spec.train_callback is not None:
         callbacks.append(spec.train_callback(model=model, seed=args.seed))
-    training_args = TrainingArguments(
-        output_dir=os.path.join(workdir, name), num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=64, learning_rate=lr, lr_scheduler_type="linear", warmup_steps=0.1,
-        weight_decay=0.0, logging_steps=25, save_strategy="no", eval_strategy="no", report_to=[], use_cpu=True,
-        seed=args.seed, data_seed=args.seed, disable_tqdm=True, dataloader_num_workers=0,
+    training_args = benchlib.training_arguments(
+        os.path.join(workdir, name), args.seed, num_train_epochs=args.epochs,
+        per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=64, learning_rate=lr,
+        warmup_steps=0.1, logging_steps=25,
     )
-
-    def accuracy(pred):
-        logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
-        return {"accuracy": float((np.argmax(logits, axis=-1) == pred.label_ids).mean())}
-
     trainer = Trainer(model=model, args=training_args, train_dataset=train_set, eval_dataset=eval_set,
-                      data_collator=collator, compute_metrics=accuracy, callbacks=callbacks)
+                      data_collator=collator, compute_metrics=benchlib.accuracy_metrics, callbacks=callbacks)
     t0 = time.perf_counter()
     result = trainer.train()
     train_time = time.perf_counter() - t0
@@ -187,7 +161,7 @@ def run_method(name: str, args, tokenizer, train_set, eval_set, workdir: str) ->
 
 def table(rows: list[dict]) -> str:
     head = ["method", "lr", "adapter params", "trainable (with head)", "accuracy", "eval loss", "train s", "note"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
+    cells = []
     for r in rows:
         note = ""
         if "by_rank" in r:
@@ -195,11 +169,11 @@ def table(rows: list[dict]) -> str:
         if "effective_rank" in r:
             e = r["effective_rank"]
             note = f"ranks left per layer: mean {e['mean']:.1f} (min {e['min']}, max {e['max']})"
-        lines.append("| " + " | ".join([
+        cells.append([
             r["method"], f"{r['learning_rate']:g}", f"{r['adapter_params']:,}", f"{r['trainable_params']:,}",
             f"{r['accuracy']:.3f}", f"{r['eval_loss']:.3f}", f"{r['train_time_s']:.0f}", note,
-        ]) + " |")
-    return "\n".join(lines)
+        ])
+    return benchlib.markdown(head, cells)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -212,7 +186,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     t0 = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    train_set, eval_set = load_data(args, tokenizer)
+    train_set, eval_set = benchlib.sentiment_data(tokenizer, args.n_train, args.n_eval, args.seed, args.max_length)
     rows = []
     with tempfile.TemporaryDirectory(prefix="repro-lowrank-") as workdir:
         for name in args.methods.split(","):

@@ -45,21 +45,19 @@ the numbers show early-training behaviour, not converged quality.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import statistics
 import sys
 import time
 from typing import Optional
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import benchlib  # first: it sets HF_HUB_OFFLINE before transformers is imported
+import torch
+from benchlib import pad_batch
 
-import torch  # noqa: E402
-
-import peft_ext  # noqa: E402
-from peft_ext._io import atomic_savefig, atomic_write_json  # noqa: E402
-from peft_ext.tuners._shared.routing import routing_statistics  # noqa: E402
+import peft_ext
+from peft_ext._io import atomic_savefig, atomic_write_json
+from peft_ext.tuners._shared.routing import routing_statistics
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 TASKS = ["sentiment", "gsm", "bfcl"]
@@ -148,18 +146,6 @@ def encode(tokenizer, prompt: str, target: str, max_length: int) -> dict:
     return {"input_ids": p + a, "labels": [-100] * len(p) + a, "prompt_len": len(p)}
 
 
-def collate(rows: list[dict], pad_id: int) -> dict:
-    """Right-padded batch with attention mask; padded labels are -100."""
-    n = max(len(r["input_ids"]) for r in rows)
-    ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), n), -100, dtype=torch.long)
-    mask = torch.zeros((len(rows), n), dtype=torch.long)
-    for i, r in enumerate(rows):
-        k = len(r["input_ids"])
-        ids[i, :k], labels[i, :k], mask[i, :k] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
 def variant_config(name: str, balance_weight: float):
     """The PEFT config of a variant (see the module docstring)."""
     from peft import LoraConfig, TaskType
@@ -202,7 +188,7 @@ def evaluate(model, tokenizer, data, args) -> dict:
         total, tokens, correct, layer_loads = 0.0, 0, 0, {}
         for start in range(0, len(rows), 8):
             chunk = rows[start : start + 8]
-            batch = collate(chunk, tokenizer.pad_token_id)
+            batch = pad_batch(chunk, tokenizer.pad_token_id)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
             shift_logits, shift_labels = logits[:, :-1], batch["labels"][:, 1:]
             loss = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
@@ -253,7 +239,7 @@ def train_variant(name: str, base, tokenizer, data, args) -> dict:
     start = time.perf_counter()
     for step in range(args.steps):
         rows = [encoded[(step * args.batch_size + i) % len(encoded)] for i in range(args.batch_size)]
-        batch = collate(rows, tokenizer.pad_token_id)
+        batch = pad_batch(rows, tokenizer.pad_token_id)
         out = model(**batch)
         out.loss.backward()
         extra = model.base_model.aux_loss() if hasattr(model.base_model, "aux_loss") else None
@@ -326,15 +312,15 @@ def plot_loads(results: list[dict], path: str) -> Optional[str]:
 def table(results: list[dict]) -> str:
     head = ["variant", "trainable", "active / token", "sentiment acc", *[f"{t} eval loss" for t in TASKS],
             "s/step", "train loss first→last 10"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
+    cells = []
     for r in results:
         t = r["tasks"]
-        lines.append("| " + " | ".join([
+        cells.append([
             r["variant"], f"{r['trainable_params']:,}", f"{r['active_params_per_token']:,}",
             f"{t['sentiment']['accuracy']:.3f}", *[f"{t[k]['eval_loss']:.3f}" for k in TASKS],
             f"{r['s_per_step']:.2f}", f"{r['train_loss_first10']:.3f} → {r['train_loss_last10']:.3f}",
-        ]) + " |")
-    return "\n".join(lines)
+        ])
+    return benchlib.markdown(head, cells)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
