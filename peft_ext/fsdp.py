@@ -48,6 +48,45 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
+def local_shard(tensor: torch.Tensor) -> tuple[torch.Tensor, slice]:
+    """The part of ``tensor`` this rank holds, and which rows (dim 0) of the full tensor they are.
+
+    For a plain tensor: the tensor itself and every row. For an FSDP2 ``DTensor`` (sharded on dim 0 over a 1-D mesh):
+    its local shard, a view whose in-place edits change the shard. For layer code that edits parameters, gradients or
+    optimizer state in place outside a forward (e.g. SwitchLoRA's switches): edit ``local`` with ``[rows]`` slices of
+    full-size operands, the same code for sharded and unsharded models."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(tensor, DTensor):
+        return tensor, slice(0, tensor.shape[0] if tensor.dim() else 1)
+    if tensor.device_mesh.ndim != 1 or tuple(tensor.placements) != (Shard(0),):
+        raise NotImplementedError(
+            f"peft-ext edits sharded tensors sharded on dim 0 over one mesh dimension (FSDP2 fully_shard); got "
+            f"placements {tuple(tensor.placements)} on a {tensor.device_mesh.ndim}-D mesh."
+        )
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+    return tensor.to_local(), slice(offset[0], offset[0] + shape[0])
+
+
+def gathered(tensor: torch.Tensor) -> torch.Tensor:
+    """The full value of ``tensor``: an all-gathered copy of an FSDP2 ``DTensor`` (a collective), the tensor itself
+    otherwise (so in-place edits of the result reach an unsharded parameter directly)."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def write_back(tensor: torch.Tensor, full: torch.Tensor) -> None:
+    """Store ``full`` (the edited result of ``gathered(tensor)``) into ``tensor``: this rank's rows into its shard of
+    a ``DTensor``; nothing for a plain tensor that ``full`` already is."""
+    if full is tensor:
+        return
+    local, rows = local_shard(tensor)
+    local.copy_(full[rows])
+
+
 def full_state_dict(model: nn.Module) -> dict:
     """The full (unsharded) state dict of ``model``, on CPU, on the main process; ``{}`` on the other ranks. A
     collective when ``model`` is sharded: call it on every rank. Unsharded models return their own state dict."""
@@ -82,4 +121,4 @@ def save_adapter(model: nn.Module, save_directory: Union[str, os.PathLike], **kw
     return main
 
 
-__all__ = ["full_state_dict", "is_sharded", "save_adapter", "unwrap"]
+__all__ = ["full_state_dict", "gathered", "is_sharded", "local_shard", "save_adapter", "unwrap", "write_back"]

@@ -42,6 +42,9 @@ VOCAB, SEQ_LEN, BATCH, STEPS, WORLD = 128, 12, 2, 3, 2
 DATA_SEED, LR = 7, 1e-2
 TARGETS = ["q_proj", "v_proj"]
 ROOT = Path(__file__).resolve().parents[1]
+# Config overrides that make a STEPS-step run exercise what the method does during training: SwitchLoRA's paper
+# interval (40 steps per r switches) would switch about once in these three steps; every step switches here.
+TRAINING_OVERRIDES = {"switchlora": {"switch_interval": 2.0, "fixed_interval": True, "adam_warm_step": 1}}
 
 
 def build_model(name: str):
@@ -54,7 +57,8 @@ def build_model(name: str):
 
     spec = peft_ext.get_method(name)
     torch.manual_seed(1)
-    return spec, get_peft_model(tiny_llama(), conformance_config(spec, TARGETS)).train()
+    config = conformance_config(spec, TARGETS, **TRAINING_OVERRIDES.get(name, {}))
+    return spec, get_peft_model(tiny_llama(), config).train()
 
 
 def batch(step: int, rank: int) -> torch.Tensor:
