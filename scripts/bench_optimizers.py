@@ -248,7 +248,7 @@ def run_p1_method(method: str, data, args: argparse.Namespace, workdir: str) -> 
         "s_per_step": train_s / max(total_steps, 1),
         "trainable_params": n_trainable,
         "optimizer_state_bytes": optimizer_state_bytes(optimizer),
-        "loss_curve": [{"step": s, "loss": l, "smoothed": sm} for s, l, sm in curve],
+        "loss_curve": [{"step": s, "loss": loss, "smoothed": sm} for s, loss, sm in curve],
         "load_average_before": load_before,
         **settings,
     }

@@ -23,9 +23,8 @@ from typing import Any, Callable, Optional
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
-
 import peft  # noqa: E402
+import torch  # noqa: E402
 import transformers  # noqa: E402
 
 MIB = 2**20

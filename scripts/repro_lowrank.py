@@ -58,7 +58,8 @@ ALL_METHODS = ["lora", "lora_xs", "lora_sb", "dylora", "nola", "codyra", "randlo
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default=",".join(ALL_METHODS), help=f"comma-separated subset of {ALL_METHODS}")
     p.add_argument("--n-train", type=int, default=1600)
     p.add_argument("--n-eval", type=int, default=600)
@@ -90,7 +91,8 @@ def method_setup(name: str):
     if name == "lora_sb":
         return peft_ext.LoraSBConfig(r=24, lora_alpha=24, init="gradient", target_modules=TARGETS, task_type=seq), 1e-2
     if name == "dylora":
-        return peft_ext.DyLoraConfig(r=8, lora_alpha=16, frozen_lower=False, target_modules=TARGETS, task_type=seq), 3e-3
+        return peft_ext.DyLoraConfig(r=8, lora_alpha=16, frozen_lower=False, target_modules=TARGETS,
+                                     task_type=seq), 3e-3
     if name == "nola":
         return peft_ext.NolaConfig(r=8, lora_alpha=16, num_basis_A=256, num_basis_B=256, cache_bases=True,
                                    target_modules=TARGETS, task_type=seq), 1e-2

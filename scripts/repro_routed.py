@@ -66,7 +66,8 @@ VARIANTS = {"lora": None, "mola_inverted_triangle": "2,4,6,8", "mola_uniform": 5
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny random Llama and a few steps: a smoke test")
     p.add_argument("--steps", type=int, default=60, help="optimizer steps per variant")
     p.add_argument("--batch-size", type=int, default=4)
@@ -211,7 +212,8 @@ def evaluate(model, tokenizer, data, args) -> dict:
             result[task]["accuracy"] = correct / len(rows)
         if layer_loads:
             n_items = len(rows) * len(TARGETS)
-            loads[task] = {layer: (torch.stack(v).sum(0) / n_items).tolist() for layer, v in sorted(layer_loads.items())}
+            loads[task] = {layer: (torch.stack(v).sum(0) / n_items).tolist()
+                           for layer, v in sorted(layer_loads.items())}
     return {"tasks": result, "expert_load": loads}
 
 
