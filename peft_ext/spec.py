@@ -45,7 +45,30 @@ class MethodSpec:
     quantizable: bool = field(default=True, metadata={"help": "Works on bitsandbytes 4-bit and 8-bit base layers."})
     lora_convertible: bool = field(default=True, metadata={"help": "save_as_lora / convert_to_lora apply."})
     identity_at_init: bool = field(default=True, metadata={"help": "A fresh adapter leaves the base output unchanged."})
+    layer_types: tuple = field(
+        default=("linear",),
+        metadata={"help": "Layer types the tuner adapts: 'linear' (torch.nn.Linear and bitsandbytes 4/8-bit linear), "
+                  "'embedding', 'conv1d' (transformers' Conv1D), 'conv2d'. Targeting another type is an error "
+                  "naming the method; PEFT's generic suite runs its embedding / conv cases only for the types listed."},
+    )
     routed: bool = field(default=False, metadata={"help": "Routes tokens (a learned router or per-call inputs such as route ids); not one static ΔW."})
+    sparse_routing: bool = field(
+        default=False,
+        metadata={"help": "Top-k routing: the experts (or ranks) and router rows that no token of a batch selects get "
+                  "no gradient from it, so a short training run may leave some adapter weights unchanged."},
+    )
+    saturating_scales: bool = field(
+        default=False,
+        metadata={"help": "Per-input scales pass through ReLU and a clamp: where every scale of a batch is 0 or at the "
+                  "clamp (or B is still zero), the scale network gets no gradient from it, so a short training run "
+                  "may leave it unchanged."},
+    )
+    rank_within_layer: bool = field(
+        default=False,
+        metadata={"help": "r must not exceed min(in_features, out_features) of every target layer (the factors come "
+                  "from an SVD of W); a larger r is refused with an error naming the layer. PEFT's generic suite "
+                  "lowers r to fit its narrow test layers."},
+    )
     summary: str = field(default="", metadata={"help": "One line for the README's method table."})
     ba_shape: bool = field(
         default=False,

@@ -451,3 +451,18 @@ def test_copy_factors_into_a_parameter_copied_reference_adapter(mlp_inputs):
     model.set_adapter("ref")
     with torch.no_grad():
         assert torch.equal(model(mlp_inputs), expected)
+
+
+@pytest.mark.parametrize("compensate", [False, True])
+def test_low_cpu_mem_usage_loading_reproduces_the_adapter(tmp_path, mlp_inputs, compensate):
+    # PeftModel.from_pretrained(..., low_cpu_mem_usage=True) creates the adapter on the meta device and fills it from
+    # the file: the frozen buffers A, B (and R₀) must not be left on meta nor copied out of it (which raised before)
+    cfg = LoraSBConfig(r=4, init="svd", init_weights=False, compensate=compensate, target_modules=MLP_TARGETS)
+    model = get_peft_model(tiny_mlp(), cfg)
+    with torch.no_grad():
+        expected = model(mlp_inputs)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_mlp(), tmp_path, low_cpu_mem_usage=True)
+    assert not any(t.is_meta for t in list(loaded.parameters()) + list(loaded.buffers()))
+    with torch.no_grad():
+        assert torch.equal(loaded(mlp_inputs), expected)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 
-from conftest import randomize_adapter, tiny_mlp
+from conftest import randomize_adapter, rel_err, tiny_mlp
 from peft_ext import NolaConfig
 from peft_ext.tuners.nola import a0_matrix, all_bases, basis_chunk, layer_seed
 from peft_ext.tuners.nola.layer import STREAM_A, STREAM_B, _RegeneratedCombination
@@ -148,3 +148,22 @@ def test_only_coefficients_train():
 def test_invalid_config_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=rf"NolaConfig\.{field} must be"):
         NolaConfig(**kwargs)
+
+
+def test_init_weights_false_is_random_per_adapter_and_lora_sized(mlp_inputs):
+    # init_weights=False draws the coefficients from torch's global RNG: two adapters on one layer differ (they share
+    # the layer's bases); σ = 1/√in for A and 1/√r for B give factors of a kaiming-uniform LoRA's size, so the merged
+    # model matches the unmerged one as closely as a plain LoRA does (fp32: 1e-5 relative)
+    model = get_peft_model(tiny_mlp(), NolaConfig(r=4, num_basis_A=32, num_basis_B=32, target_modules=["lin0"],
+                                                   init_weights=False))
+    model.add_adapter("other", NolaConfig(r=4, num_basis_A=32, num_basis_B=32, target_modules=["lin0"],
+                                          init_weights=False))
+    layer = model.base_model.model.lin0
+    assert not torch.equal(layer.nola_coef_A["default"].weight, layer.nola_coef_A["other"].weight)
+    a, b = layer.factors("default")
+    a0 = a0_matrix(int(layer.nola_seed["default"]), 4, 64)
+    assert 0.2 < (a - a0).std() / a0.std() < 5 and 0.2 < b.std() * (3 * 4) ** 0.5 < 5  # kaiming-uniform: std 1/√(3·fan_in)
+    with torch.no_grad():
+        unmerged = model(mlp_inputs)
+        merged = model.merge_and_unload(safe_merge=True)(mlp_inputs)
+    assert rel_err(merged, unmerged) < 1e-5

@@ -264,3 +264,56 @@ def test_save_load_reproduces_prompted_logits_and_stage(tmp_path, llama_inputs):
 def test_config_errors_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"PromptAwareLoraConfig.{field} must be"):
         PromptAwareLoraConfig(**kwargs)
+
+
+def test_an_adapter_loads_into_its_own_pooler_under_any_name(tmp_path, llama_inputs):
+    # the pooler's keys carry no adapter name in the file (as every PEFT adapter weight), so loading the file as
+    # "other" fills other's pooler and leaves default's alone; a file of peft-ext 0.1.0 (name kept in the pooler keys)
+    # still loads
+    from safetensors.torch import load_file, save_file
+
+    saved = pa_model(seed=1)
+    saved.save_pretrained(tmp_path / "a")
+    keys = load_file(tmp_path / "a" / "adapter_model.safetensors").keys()
+    assert any(k.startswith("base_model.prompt_aware_lora_pool.fc1.") for k in keys)
+    model = pa_model(seed=2)
+    default_before = {k: v.clone() for k, v in model.base_model.prompt_aware_lora_pool["default"].state_dict().items()}
+    result = model.load_adapter(tmp_path / "a", adapter_name="other")
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    pools = model.base_model.prompt_aware_lora_pool
+    expected = saved.base_model.prompt_aware_lora_pool["default"].state_dict()
+    assert all(torch.equal(pools["other"].state_dict()[k], v) for k, v in expected.items())
+    assert all(torch.equal(pools["default"].state_dict()[k], v) for k, v in default_before.items())
+    legacy = {k.replace("prompt_aware_lora_pool.", "prompt_aware_lora_pool.default."): v
+              for k, v in load_file(tmp_path / "a" / "adapter_model.safetensors").items()}
+    save_file(legacy, tmp_path / "a" / "adapter_model.safetensors")
+    old = PeftModel.from_pretrained(tiny_llama(), tmp_path / "a")
+    assert all(torch.equal(old.base_model.prompt_aware_lora_pool["default"].state_dict()[k], v)
+               for k, v in expected.items())
+
+
+def test_generic_models_called_without_input_ids_pool_the_call():
+    # a model called with its own keyword (PEFT's MLP: model(X=...)) gets the same prompt pass: the same call without
+    # LoRA, pooled over all rows; the result is the LoRA scaled by what the pooler gives for those rows
+    from conftest import tiny_mlp
+
+    class Keyword(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = tiny_mlp()
+
+        def forward(self, X):
+            return self.mlp(X)
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 64)
+    cfg = dict(r=4, lora_alpha=8, target_modules=["lin1"], no_prompt="whole_input")
+    model = get_peft_model(Keyword(), PromptAwareLoraConfig(**cfg))
+    randomize_adapter(model)
+    positional = get_peft_model(Keyword(), PromptAwareLoraConfig(**cfg))
+    positional.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        out = model(X=x)
+        assert torch.equal(out, positional(x))  # the keyword call and the positional call agree
+        with model.disable_adapter():
+            assert rel_err(out, model(X=x)) > 1e-3  # and the LoRA is applied

@@ -61,6 +61,7 @@ def inputs(n=16, d=64, seed=0):
         ({"reset_optimizer_state": "no"}, "reset_optimizer_state"),
         ({"init_weights": "no"}, "init_weights"),
         ({"compensate_init": 1}, "compensate_init"),
+        ({"origin_lora_init": "yes"}, "origin_lora_init"),
         ({"switch_interval": float("inf")}, "switch_interval"),
         ({"switch_interval": float("nan")}, "switch_interval"),
         ({"switch_descent_rate": float("inf")}, "switch_descent_rate"),
@@ -130,12 +131,28 @@ def test_origin_lora_init_is_the_identity(mlp_inputs):
     base = tiny_mlp()
     with torch.no_grad():
         expected = base(mlp_inputs)
-    model = get_peft_model(tiny_mlp(), SwitchLoraConfig(r=R, target_modules=["lin0"], init_weights=False))
+    model = get_peft_model(tiny_mlp(), SwitchLoraConfig(r=R, target_modules=["lin0"], origin_lora_init=True))
     layer = model.base_model.model.lin0
     assert layer.switchlora_bank["default"].b.abs().sum() == 0
     assert layer.switchlora_down["default"].weight.abs().max() <= 1 / math.sqrt(64)  # kaiming-uniform bound 1/√n
     with torch.no_grad():
         assert torch.equal(model(mlp_inputs), expected)
+
+
+def test_init_weights_false_is_a_random_uncompensated_start(mlp_inputs):
+    # the contract of every peft-ext method (and of PEFT's generic tests): init_weights=False is a random non-zero
+    # adapter; SwitchLoRA's is the paper's init with W left alone (no compensation even with compensate_init=True),
+    # so the model starts at W + s·B·A, and two adapters drawn from torch's global RNG differ
+    base = tiny_mlp()
+    model = get_peft_model(tiny_mlp(), SwitchLoraConfig(r=R, target_modules=["lin0"], init_weights=False))
+    model.add_adapter("other", SwitchLoraConfig(r=R, target_modules=["lin0"], init_weights=False))
+    layer = model.base_model.model.lin0
+    assert torch.equal(layer.base_layer.weight, base.lin0.weight) and not layer.base_weight_mutated()
+    with torch.no_grad():
+        first = model(mlp_inputs)
+        model.set_adapter("other")
+        second = model(mlp_inputs)
+        assert rel_err(first, base(mlp_inputs)) > 1e-3 and rel_err(second, first) > 1e-3
 
 
 def test_init_seed_is_reproducible_and_differs_per_layer():

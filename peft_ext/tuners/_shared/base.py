@@ -406,6 +406,8 @@ class ExtModel(BaseTuner):
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **optional_kwargs):
         if current_key is None:
             raise ValueError("current_key must not be None")
+        if not isinstance(target, self.tuner_layer_cls):
+            self._check_layer_type(config, target, current_key)
         kwargs = self._layer_kwargs(config, adapter_name, current_key)
         if isinstance(target, self.tuner_layer_cls):
             target.update_layer(adapter_name, config, **kwargs)
@@ -415,6 +417,18 @@ class ExtModel(BaseTuner):
             new_module.requires_grad_(False)  # an added adapter trains only after set_adapter
         new_module.train(target.training)  # a new module starts in training mode; follow the module it wraps
         self._replace_module(parent, target_name, new_module, target)
+
+    @staticmethod
+    def _check_layer_type(config, target: nn.Module, key: str) -> None:
+        """Refuse a target that is not a linear layer with an error naming the method (``MethodSpec.layer_types``)."""
+        backend = resolve_quantization_backend(target)
+        if isinstance(target, nn.Linear) or (backend is not None and backend.layer_type == "linear"):
+            return
+        raise TypeError(
+            f"{config.method_name} ({type(config).__name__}) adapts linear layers only (torch.nn.Linear and "
+            f"bitsandbytes Linear8bitLt / Linear4bit); target module {key!r} is a {type(target).__name__}. Leave it "
+            "out of target_modules, or put it in modules_to_save to train it fully."
+        )
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         try:

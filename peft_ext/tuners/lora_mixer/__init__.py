@@ -23,6 +23,7 @@ SPEC = MethodSpec(
     lora_convertible=False,
     identity_at_init=True,
     routed=True,
+    sparse_routing=True,
     summary="Token-routed LoRA experts on the attention projections (hard–soft top-k, balance + entropy losses); "
     "experts can be frozen PEFT LoRA folders.",
     overhead_target=1.35,

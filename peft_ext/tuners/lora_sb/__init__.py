@@ -24,6 +24,7 @@ SPEC = MethodSpec(
     # identity_at_init=False (R = 0 -> exact identity is tested in tests/test_lora_sb.py).
     example_kwargs={"r": 8, "init": "svd"},
     identity_at_init=False,
+    rank_within_layer=True,  # A and B are the top-r singular vectors of W
     ba_shape=False,  # only the r×r R trains; A and B are frozen, so B·A optimizers (LoRA-Pro) do not apply
     summary="LoRA-XS architecture W + s·B R A (only the r×r R trains) with the LoRA-SB gradient-SVD init "
     "(`peft_ext.init.lora_sb_init`) or the LoRA-XS SVD-of-W init.",

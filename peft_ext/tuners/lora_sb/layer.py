@@ -99,13 +99,14 @@ class LoraSBLayer(ExtLayer):
                 self.get_base_weight(), r, config.svd_niter, config.svd_oversample, generator=gen
             )
             B, A = U.cpu(), (S.unsqueeze(1) * Vh).cpu()  # B·A = W_r, the best rank-r approximation of W
-            std = config.r_init_std if config.init_weights else 0.1
-            R = torch.randn((r, r), generator=gen) * std
+            # init_weights=False: a random R from torch's global generator (as PEFT's random inits), so two adapters on
+            # one layer differ; A and B are the SVD of W either way
+            R = torch.randn((r, r), generator=gen) * config.r_init_std if config.init_weights else torch.randn(r, r) * 0.1
             self.lora_sb_pending[adapter_name] = False
         else:
             B = random_orthonormal(self.out_features, r, gen)
             A = random_orthonormal(self.in_features, r, gen).T.contiguous()
-            R = torch.zeros(r, r) if config.init_weights else torch.randn((r, r), generator=gen) * 0.1
+            R = torch.zeros(r, r) if config.init_weights else torch.randn(r, r) * 0.1
             self.lora_sb_pending[adapter_name] = config.init_weights
         self.lora_sb_R[adapter_name] = nn.Linear(r, r, bias=False)
         if adapter_name in self.lora_sb_R0:  # re-created without compensation
@@ -139,7 +140,17 @@ class LoraSBLayer(ExtLayer):
         """With ``compensate=True``, remember R as it is stored now (after any cast to the base dtype), so
         ``R - R₀`` is exactly zero at the start, also after a later upcast of R."""
         if self.lora_sb_options[adapter]["compensate"]:
-            self.lora_sb_R0[adapter] = self.lora_sb_R[adapter].weight.detach().float().clone()
+            R = self.lora_sb_R[adapter].weight
+            if R.is_meta:  # low_cpu_mem_usage: R arrives with the adapter file, and so does its saved R₀
+                self.lora_sb_R0[adapter] = torch.zeros(R.shape, device=self._factor_device(adapter))
+                return
+            self.lora_sb_R0[adapter] = R.detach().float().clone()
+
+    def _factor_device(self, adapter: str) -> torch.device:
+        """Where A, B (and R₀) live: beside R, or beside the base weight while R is still on the meta device
+        (``low_cpu_mem_usage``), since buffers must hold real values for PEFT's device moves."""
+        R = self.lora_sb_R[adapter].weight
+        return self.get_base_layer().weight.device if R.is_meta else R.device
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
         """Move the adapter to the base layer's device; R takes the base dtype like every PEFT adapter weight, while
@@ -147,7 +158,7 @@ class LoraSBLayer(ExtLayer):
         the base model's (a bfloat16 base would otherwise round them)."""
         factors = [(d, d[adapter_name]) for d in (self.lora_sb_A, self.lora_sb_B, self.lora_sb_R0) if adapter_name in d]
         super()._move_adapter_to_device_of_base_layer(adapter_name, device)
-        target = self.lora_sb_R[adapter_name].weight.device if adapter_name in self.lora_sb_R else device
+        target = self._factor_device(adapter_name) if adapter_name in self.lora_sb_R else device
         for d, t in factors:
             d[adapter_name] = t.to(target, torch.float32)
 

@@ -19,6 +19,7 @@ SPEC = MethodSpec(
     mergeable=False,
     lora_convertible=False,
     routed=True,
+    sparse_routing=True,
     summary="Mixture of LoRA experts per module with top-k routing; experts per layer by depth (MoLA-▽: 2/4/6/8).",
     overhead_target=1.35,
     bench_variants=(("balance loss on (official obalance weight 0.001)", {"balance_loss_weight": 0.001}),),

@@ -133,9 +133,12 @@ class NolaLayer(ExtLayer):
         self.nola_seed[adapter_name] = torch.tensor([layer_seed], dtype=torch.int64)
         self._nola_cache.pop(adapter_name, None)
         if not config.init_weights:
-            gen = torch.Generator().manual_seed(layer_seed)
-            for coef in (self.nola_coef_A[adapter_name], self.nola_coef_B[adapter_name]):
-                coef.weight.data.copy_(torch.randn(coef.weight.shape, generator=gen))
+            # A random adapter of LoRA's init_lora_weights=False size: a basis sum Σ c R with R ~ U(-1, 1)/√k and
+            # c ~ N(0, σ²) has entries of std σ/√3, so σ = 1/√in gives A the scale of its kaiming-uniform A0 and
+            # σ = 1/√r gives B that of a kaiming-uniform out×r matrix. Drawn from torch's global generator (as PEFT's
+            # own random inits), so two adapters on one layer differ; the bases stay those of the layer seed.
+            self.nola_coef_A[adapter_name].weight.data.normal_(0.0, 1.0 / math.sqrt(self.in_features))
+            self.nola_coef_B[adapter_name].weight.data.normal_(0.0, 1.0 / math.sqrt(config.r))
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 

@@ -27,6 +27,7 @@ SPEC = MethodSpec(
     mergeable=False,
     lora_convertible=False,
     routed=True,
+    saturating_scales=True,  # c = clamp(relu(.), max=clamp), as WavLLM
     summary="WavLLM's prompt-aware LoRA: a prompt pass without LoRA predicts per-prompt LoRA scales (`prompt_mask=`).",
 )
 

@@ -62,7 +62,8 @@ class PromptAwareLoraConfig(ExtConfig):
         metadata={
             "help": "Module (name or dotted suffix) whose output is the prompt representation H. None: the last block "
             "of the model's last nn.ModuleList (the last decoder layer, before the final norm, as WavLLM); for models "
-            "without one, the input of the last adapted layer."
+            "without one, or without a config hidden_size (and no hidden_size set), the input of the last adapted "
+            "layer."
         },
     )
     hidden_size: Optional[int] = field(

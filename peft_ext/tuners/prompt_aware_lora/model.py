@@ -8,6 +8,7 @@ Official code: https://github.com/microsoft/SpeechT5 (``WavLLM/wavllm/models/lla
 from __future__ import annotations
 
 import inspect
+import re
 from contextlib import contextmanager
 from typing import Optional
 
@@ -98,6 +99,27 @@ class PromptAwareLoraModel(ExtModel):
     tuner_layer_cls = PromptAwareLoraLayer
     layer_cls = PromptAwareLoraLinear
     call_args = ("prompt_mask",)
+    # the prompt pooler lives on the tuner (shared by every layer) and the prompt pass runs from its forward hooks:
+    # peft.inject_adapter_in_model, which keeps only the injected layers, is refused with PEFT's shared-state error
+    uses_shared_state = True
+
+    # --------------------------------------------------------------- saving / loading
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        """Checkpoint key of a model key: also drops the adapter name inside the pooler's keys
+        (``prompt_aware_lora_pool.<adapter>.fc1.weight`` -> ``prompt_aware_lora_pool.fc1.weight``), which PEFT's
+        default (adapter name second to last) misses, so an adapter loads under any name into its own pooler."""
+        marker = f".prompt_aware_lora_pool.{adapter_name}."
+        if marker in key:
+            return key.replace(marker, ".prompt_aware_lora_pool.", 1)
+        return super()._remove_adapter_name_from_key(key, adapter_name)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        # files written by peft-ext 0.1.0 kept the saving adapter's name in the pooler keys: drop it
+        legacy = re.compile(r"\.prompt_aware_lora_pool\.[^.]+\.(fc1|fc2|score)\.")
+        state_dict = {legacy.sub(r".prompt_aware_lora_pool.\1.", k): v for k, v in state_dict.items()}
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 
     # --------------------------------------------------------------- injection
     def _model_hidden_size(self, model: nn.Module) -> Optional[int]:
@@ -121,16 +143,15 @@ class PromptAwareLoraModel(ExtModel):
                 raise bad_value(config, "hidden_size", None, "set: the width of hidden_module's output could not be found")
             return "output", names[-1], int(d)
         lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
-        if lists:
+        d = config.hidden_size or self._model_hidden_size(model)
+        if lists and d is not None:  # a model without a config giving hidden_size: the last adapted layer's input
             name, blocks = lists[-1]
-            d = config.hidden_size or self._model_hidden_size(model)
-            if d is None:
-                raise bad_value(config, "hidden_size", None, "set: the model config has no hidden_size")
             return "output", f"{name}.{len(blocks) - 1}" if name else str(len(blocks) - 1), int(d)
-        targets = [
-            (n, m) for n, m in model.named_modules()
-            if n and self._check_target_module_exists(config, n) and getattr(m, "in_features", None) is not None
-        ]
+        targets = [(n, m) for n, m in model.named_modules() if n and self._check_target_module_exists(config, n)]
+        for n, m in targets:  # a non-linear target: the error naming the method, before the pooler is sized on it
+            if not isinstance(m, self.tuner_layer_cls) and ".base_layer" not in n:
+                self._check_layer_type(config, m, n)
+        targets = [(n, m) for n, m in targets if getattr(m, "in_features", None) is not None]
         if not targets:
             raise bad_value(config, "hidden_module", None, "set: the model has no block list and no adapted layer")
         name, module = targets[-1]
@@ -156,9 +177,21 @@ class PromptAwareLoraModel(ExtModel):
             nn.init.zeros_(pool.fc2.weight)
             nn.init.constant_(pool.fc2.bias, min(config.lora_alpha / config.r, config.clamp))
         param = next(model.parameters(), None)
-        if param is not None:
-            pool.to(param.device)
+        if param is not None and not any(p.is_meta for p in pool.parameters()):  # meta: low_cpu_mem_usage, load fills it
+            # the base model's device and float dtype, like the layers' weights; _cast_adapter_dtype upcasts it
+            pool.to(param.device, dtype=param.dtype if param.is_floating_point() else None)
         self.prompt_aware_lora_pool[adapter_name] = pool
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """PEFT's upcast of float16 / bfloat16 adapter weights to float32 (autocast_adapter_dtype), also for the
+        pooler, which PEFT's cast does not see (it lives on the tuner, not in a tuner layer)."""
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        pools = self._modules.get("prompt_aware_lora_pool")
+        pool = pools[adapter_name] if pools is not None and adapter_name in pools else None
+        if autocast_adapter_dtype and pool is not None:
+            for p in pool.parameters():
+                if p.dtype in (torch.float16, torch.bfloat16):
+                    p.data = p.data.float()
 
     def _layer_kwargs(self, config: PromptAwareLoraConfig, adapter_name: str, current_key: str) -> dict:
         return {"hidden_size": self._sources[adapter_name][2]}
@@ -216,8 +249,13 @@ class PromptAwareLoraModel(ExtModel):
                 self._pending_prompt_mask = None
 
     def _stage2_adapters(self) -> list[str]:
+        """The stage-2 adapters active on the model or on any layer (PEFT activates several adapters at once
+        layer by layer, e.g. ``layer.set_adapter([...])``, without changing the model's active adapter)."""
         pools = self._modules.get("prompt_aware_lora_pool") or {}
-        return [a for a in self.active_adapters if a in pools and self.peft_config[a].stage == 2]
+        active = list(self.active_adapters)
+        for layer in self.tuner_layers():
+            active += [a for a in layer.active_adapters if a not in active]
+        return [a for a in active if a in pools and self.peft_config[a].stage == 2]
 
     def _prompt_pre_hook(self, module, args, kwargs):
         if self._in_prompt_pass:
@@ -270,13 +308,12 @@ class PromptAwareLoraModel(ExtModel):
     def _prompt_inputs(self, args, kwargs, prompt_mask):
         """(call args, call kwargs, valid mask or None, prompt mask for generic models) of the prompt pass."""
         input_ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
-        if input_ids is None and embeds is None and args and isinstance(args[0], torch.Tensor):
-            if not args[0].is_floating_point() and args[0].dim() == 2:
-                input_ids = args[0]  # an HF model called positionally with input_ids
-            else:  # a generic model: run the same call, pool over the prompt positions of H
-                return args, kwargs, None, prompt_mask
         if input_ids is None and embeds is None:
-            raise ValueError("prompt_aware_lora: the prompt pass needs input_ids or inputs_embeds in the model call.")
+            first = args[0] if args else None
+            if isinstance(first, torch.Tensor) and not first.is_floating_point() and first.dim() == 2:
+                input_ids = first  # an HF model called positionally with input_ids
+            else:  # a generic model (e.g. model(X=...)): run the same call, pool over the prompt positions of H
+                return args, kwargs, None, prompt_mask
         source = input_ids if input_ids is not None else embeds
         key = "input_ids" if input_ids is not None else "inputs_embeds"
         extra = {"use_cache": False} if self._accepts_use_cache() else {}

@@ -18,6 +18,7 @@ SPEC = MethodSpec(
     mergeable=False,
     lora_convertible=False,
     routed=True,
+    sparse_routing=True,
     summary="Every LoRA rank is an expert: per-token top-k rank activation with a bias-based load balance.",
     train_callback=SmoraBiasCallback,
 )

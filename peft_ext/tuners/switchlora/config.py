@@ -55,9 +55,16 @@ class SwitchLoraConfig(ExtConfig):
         metadata={
             "help": "True: the paper's initialisation, A and B (and their candidates) uniform in ±√3·std with "
             "std_A = ((√m·r)/n^{3/2})^{1/4}·√gain, std_B = (r/√(mn))^{1/4}·√gain, gain = √(1/3), m = out, n = in; "
-            "B is non-zero (see compensate_init for how the start still equals the base). False: the official "
-            "code's 'origin_lora' init, A (and A-candidates) kaiming-uniform and B (and B-candidates) zero, which "
-            "starts as the identity without touching W."
+            "B is non-zero (see compensate_init for how the start still equals the base). False: a random non-zero "
+            "adapter for tests and debugging, as for every peft-ext method (PEFT's generic tests rely on it): the "
+            "paper's initialisation never compensated, so the model starts at W + s·B·A."
+        },
+    )
+    origin_lora_init: bool = field(
+        default=False,
+        metadata={
+            "help": "True: the official code's 'origin_lora' init instead of the paper's, A (and A-candidates) "
+            "kaiming-uniform and B (and B-candidates) zero, which starts as the identity without touching W."
         },
     )
     compensate_init: bool = field(
@@ -67,7 +74,7 @@ class SwitchLoraConfig(ExtConfig):
             "base weight W, so the model starts exactly at the base function (up to float rounding); W is then "
             "rewritten from step 0 and saved with the adapter, and disable_adapter() gives W − s·B·A, not the "
             "original W. False: W is left alone and the model starts at W + s·B·A. No effect with "
-            "init_weights=False (B = 0)."
+            "init_weights=False (never compensated) or origin_lora_init=True (B = 0)."
         },
     )
     num_candidates: Optional[int] = field(
@@ -131,7 +138,7 @@ class SwitchLoraConfig(ExtConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        self.check_bool("compensate_init", "fixed_interval", "reset_optimizer_state")
+        self.check_bool("compensate_init", "origin_lora_init", "fixed_interval", "reset_optimizer_state")
         self.check_positive_int("r")
         self.check_finite("lora_alpha")
         self.check_probability("lora_dropout")

@@ -138,7 +138,7 @@ class SwitchLoraLayer(ExtLayer):
             "reset_optimizer_state": bool(config.reset_optimizer_state),
         }
         num = config.num_candidates if config.num_candidates is not None else max(min(n, m), r)
-        bound_a, bound_b = init_bounds(n, m, r, paper=config.init_weights)
+        bound_a, bound_b = init_bounds(n, m, r, paper=not config.origin_lora_init)
         gen = _layer_generator(config.init_seed, f"{module_key}/{adapter_name}")
         bank_a = (torch.rand(num, n, generator=gen) * 2 - 1) * bound_a
         bank_b = (torch.rand(num, m, generator=gen) * 2 - 1) * bound_b
@@ -157,7 +157,7 @@ class SwitchLoraLayer(ExtLayer):
         self.switchlora_track[adapter_name] = SwitchLoraTrack(slot_a, slot_b, r // 2)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.init_compensated[adapter_name] = False
-        if config.compensate_init and bound_b > 0:
+        if config.compensate_init and config.init_weights and bound_b > 0:  # init_weights=False: a random start
             self._compensate_start(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
