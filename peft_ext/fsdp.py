@@ -8,8 +8,8 @@ no storage to serialise, so it fails). ``save_adapter`` gathers the full state d
 it), and the main process alone writes the adapter, which ``PeftModel.from_pretrained`` loads as usual, unsharded.
 
 With accelerate the same can be written by hand: ``state = accelerator.get_state_dict(model)`` on every rank, then
-``accelerator.unwrap_model(model).save_pretrained(path, state_dict=state)`` on the main process. ``transformers.Trainer``
-does exactly that in ``save_model`` under FSDP.
+``accelerator.unwrap_model(model).save_pretrained(path, state_dict=state)`` on the main process;
+``transformers.Trainer`` does exactly that in ``save_model`` under FSDP.
 
 Built on PEFT (https://github.com/huggingface/peft) and torch's distributed checkpoint API; the methods and their
 papers are listed by ``peft_ext.list_methods()``.
@@ -107,7 +107,9 @@ def save_adapter(model: nn.Module, save_directory: Union[str, os.PathLike], **kw
     """
     peft_model = unwrap(model)
     if not hasattr(peft_model, "peft_config"):
-        raise TypeError(f"save_adapter needs a PeftModel (or one wrapped by FSDP / DDP); got {type(peft_model).__name__}.")
+        raise TypeError(
+            f"save_adapter needs a PeftModel (or one wrapped by FSDP / DDP); got {type(peft_model).__name__}."
+        )
     if "state_dict" in kwargs:
         raise TypeError("save_adapter gathers the state dict itself; do not pass state_dict=.")
     state = full_state_dict(model)

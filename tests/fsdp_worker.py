@@ -62,7 +62,7 @@ def build_model(name: str):
 
 
 def batch(step: int, rank: int) -> torch.Tensor:
-    """The token rows rank ``rank`` trains on at ``step`` (no padding: every rank has the same number of loss tokens)."""
+    """The token rows ``rank`` trains on at ``step`` (no padding: every rank has the same number of loss tokens)."""
     gen = torch.Generator().manual_seed(DATA_SEED * 1000 + step * WORLD + rank)
     return torch.randint(0, VOCAB, (BATCH, SEQ_LEN), generator=gen)
 
@@ -130,6 +130,25 @@ def enable_fsdp_on_cpu(accelerator) -> None:
     assert accelerator.is_fsdp2, "the plugin from the environment is not FSDP2 (pass --fsdp_version 2)"
 
 
+@torch.no_grad()
+def check_shard_helpers(model) -> bool:
+    """``peft_ext.fsdp.local_shard`` / ``gathered`` / ``write_back`` on this run's sharded parameters: the local
+    shard is the full tensor's ``rows``, and a written-back edit is what the next gather sees (then undone exactly)."""
+    from peft_ext.fsdp import gathered, local_shard, write_back
+
+    ok = True
+    for param in (p for p in model.parameters() if p.dim() == 2):
+        local, rows = local_shard(param)
+        full = gathered(param)
+        ok &= full.shape == param.shape and rows.stop - rows.start == local.shape[0]
+        ok &= torch.equal(full[rows], local)
+        write_back(param, full + 1)
+        ok &= torch.equal(gathered(param), full + 1)
+        write_back(param, full)
+        ok &= torch.equal(gathered(param), full)
+    return bool(ok)
+
+
 def train_one(accelerator, name: str, out: Path) -> dict:
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
@@ -150,6 +169,7 @@ def train_one(accelerator, name: str, out: Path) -> dict:
         "parameters": sum(1 for _ in model.parameters()),
         "losses": [],
     }
+    record["local_shard_ok"] = check_shard_helpers(model)
     events = Events(spec, accelerator.unwrap_model(model))
     events("on_train_begin", 0)
     for step in range(STEPS):
@@ -198,7 +218,8 @@ def main(argv=None) -> None:
         try:
             record = train_one(accelerator, name, out)
         except Exception as exc:  # noqa: BLE001 - recorded for the test, which names the method and the error
-            record = {"rank": dist.get_rank(), "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+            record = {"rank": dist.get_rank(), "error": f"{type(exc).__name__}: {exc}",
+                      "traceback": traceback.format_exc()}
         accelerator.free_memory()
         (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(record))
         dist.barrier()

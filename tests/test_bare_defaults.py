@@ -43,7 +43,7 @@ def test_bare_config_trains_or_names_what_it_needs(spec):
     try:
         out = model(input_ids=ids, labels=ids)
     except (ValueError, TypeError) as exc:
-        assert names_the_method(spec, exc), f"{spec.name}: the error at the first forward does not name the method: {exc}"
+        assert names_the_method(spec, exc), f"{spec.name}: the error at the first forward does not name it: {exc}"
         return
     out.loss.backward()  # a loss that does not reach the adapter fails here, inside autograd: what the test forbids
     optimizer.step()

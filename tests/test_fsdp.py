@@ -112,6 +112,7 @@ def test_fsdp_trains_sharded_and_saves_one_adapter(spec, fsdp_run):
     for rec in recs:
         assert rec["world_size"] == 2 and rec["wrapper"].startswith("FSDP")
         assert rec["sharded"] == rec["parameters"] > 0, "not every parameter is an FSDP2 shard"
+        assert rec["local_shard_ok"], "peft_ext.fsdp.local_shard / gathered / write_back disagree on the shards"
         assert len(rec["losses"]) == fsdp_worker.STEPS and all(map(torch.isfinite, torch.tensor(rec["losses"])))
     assert [rec["wrote"] for rec in recs] == [True, False], "the adapter must be written once, by the main process"
     folder = fsdp_run / spec.name
@@ -140,6 +141,26 @@ def test_fsdp_adapter_equals_single_process_training_and_loads(spec, fsdp_run):
         expected = ref["model"].eval()(input_ids=ids, **call_kwargs(spec, ids.shape)).logits
         got = loaded(input_ids=ids, **call_kwargs(spec, ids.shape)).logits
     assert rel_diff(got, expected) <= REL_TOL
+
+
+def test_fsdp_helpers_without_sharding(tmp_path):
+    """Unsharded (one process, no process group): the helpers are the identity and save_adapter is save_pretrained."""
+    from peft_ext.fsdp import gathered, is_sharded, local_shard, save_adapter, write_back
+
+    _, model = fsdp_worker.build_model("nola")
+    weight = next(p for p in model.parameters() if p.requires_grad)
+    local, rows = local_shard(weight)
+    assert local is weight and rows == slice(0, weight.shape[0]) and gathered(weight) is weight
+    write_back(weight, weight)  # nothing to do: the edit already is the parameter
+    assert not is_sharded(model)
+    assert save_adapter(model, tmp_path / "a") is True
+    saved = get_peft_model_state_dict(model)
+    back = get_peft_model_state_dict(PeftModel.from_pretrained(tiny_llama(), tmp_path / "a"))
+    assert saved.keys() == back.keys() and all(torch.equal(saved[k], back[k]) for k in saved)
+    with pytest.raises(TypeError, match="state_dict"):
+        save_adapter(model, tmp_path / "b", state_dict={})
+    with pytest.raises(TypeError, match="needs a PeftModel"):
+        save_adapter(tiny_llama(), tmp_path / "c")
 
 
 def test_fsdp_gradients_come_from_both_ranks(fsdp_run):

@@ -301,7 +301,8 @@ def test_training_forward_without_route_input_or_default_route_names_both_ways_o
     out = model(llama_inputs, labels=llama_inputs, route_ids=torch.zeros(2, 12, dtype=torch.long))
     out.loss.backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if "gated_lora_up" in n)
-    with_default = get_peft_model(tiny_llama(), GatedLoraConfig(r=4, default_route="default", target_modules=["q_proj"]))
+    with_default = get_peft_model(tiny_llama(), GatedLoraConfig(r=4, default_route="default",
+                                                                  target_modules=["q_proj"]))
     with_default.train()
     with_default(llama_inputs, labels=llama_inputs).loss.backward()
     # not a training forward: eval mode, no_grad (e.g. generate in train mode), disable_adapter() -> the base model

@@ -168,10 +168,8 @@ class GatedLoraModel(ExtModel):
         costs no device sync; the layers are visited only when no route input was given to such an adapter."""
         if not torch.is_grad_enabled() or any(inputs.get(name) is not None for name in ROUTE_ARGS):
             return
-        idle = [
-            a for a in self.active_adapters
-            if a in self.peft_config and self.peft_config[a].mode == "route" and self.peft_config[a].default_route is None
-        ]
+        configs = {a: self.peft_config[a] for a in self.active_adapters if a in self.peft_config}
+        idle = [a for a, cfg in configs.items() if cfg.mode == "route" and cfg.default_route is None]
         if not idle:
             return
         layers = list(self.tuner_layers())
