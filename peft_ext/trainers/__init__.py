@@ -10,6 +10,7 @@
 TRL is imported when this package is imported; ``import peft_ext`` alone does not import it.
 """
 
+from .gazal import GazalGRPOConfig, GazalGRPOTrainer, GazalSFTConfig, sft_then_grpo
 from .mrdpo import MrDPOConfig, MrDPOTrainer
 
-__all__ = ["MrDPOConfig", "MrDPOTrainer"]
+__all__ = ["GazalGRPOConfig", "GazalGRPOTrainer", "GazalSFTConfig", "MrDPOConfig", "MrDPOTrainer", "sft_then_grpo"]
