@@ -203,6 +203,22 @@ def test_resume_from_round_matches_uninterrupted(tmp_path):
     assert [r["round"] for r in resumed.round_history] == [1, 2]
 
 
+def test_rebirth_sfts_the_pre_dpo_model_on_mrdpo_answers(tmp_path):
+    from peft_ext.data.preference import generate_answers
+
+    trainer = MrDPOTrainer(model=tiny_llama(), args=make_args(tmp_path), peft_config=lora(),
+                           pair_builder=static_builder, train_dataset=PROMPTS, processing_class=char_tokenizer())
+    trainer.train()
+    prompts = ["Q1+3=", "Q2+2="]
+    mrdpo_answers = generate_answers(trainer.model, trainer.processing_class, prompts, max_new_tokens=3)
+    sft = trainer.rebirth(Dataset.from_dict({"prompt": prompts}), max_new_tokens=3)
+    assert trainer.rebirth_data["completion"] == mrdpo_answers  # the SFT targets are the mrDPO model's answers
+    with trainer.model.disable_adapter():
+        base_now = logits(trainer.model)
+    assert torch.equal(base_now, logits(tiny_llama()))  # ... and the SFT ran on the pre-DPO weights
+    assert sft.state.global_step == 1 and list(trainer.model.peft_config) == ["default"]
+
+
 def test_gsm_pairs_rules():
     rng = np.random.default_rng(0)
     gold = "3 + 4 = 7\n#### 7"

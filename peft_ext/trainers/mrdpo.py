@@ -468,10 +468,14 @@ class MrDPOTrainer(DPOTrainer):
             for name, value in self._pre_dpo.items():
                 params[name].copy_(value.to(params[name].device))
         data = Dataset.from_dict({"prompt": prompts, "completion": answers})
+        self.rebirth_data = data
         if args is None:
             args = SFTConfig(output_dir=str(Path(self.args.output_dir) / "rebirth"), max_steps=self.args.steps_per_round,
-                             learning_rate=self.args.learning_rate, seed=self.args.seed, report_to=[],
-                             gradient_checkpointing=False, completion_only_loss=True)
+                             learning_rate=self.args.learning_rate, seed=self.args.seed, report_to=self.args.report_to,
+                             use_cpu=self.args.use_cpu, bf16=self.args.bf16, save_strategy="no",
+                             per_device_train_batch_size=self.args.per_device_train_batch_size,
+                             disable_tqdm=self.args.disable_tqdm, gradient_checkpointing=False,
+                             completion_only_loss=True, packing=False, max_length=self.args.max_length)
         trainer = SFTTrainer(model=base, args=args, train_dataset=data, processing_class=self.processing_class,
                              peft_config=copy.deepcopy(self._peft_config))
         trainer.train()
