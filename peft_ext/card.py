@@ -524,12 +524,13 @@ def _is_hub_name(name) -> bool:
 
 
 def render_for_push(text: str, repo_id: str, base_model: Optional[str]) -> str:
-    """The card to upload: a peft-ext card rendered again with the repository id and the base model's Hub id; any
-    other card keeps its body and gets ``base_model`` set (and local-path metadata dropped)."""
+    """The card to upload. A peft-ext card as peft-ext wrote it is rendered again with the repository id and the base
+    model's Hub id; any other card (the user's, or a peft-ext card edited by hand) keeps its text and gets
+    ``base_model`` set, local-path metadata dropped, and the loading lines pointed at ``repo_id``."""
     from huggingface_hub import ModelCard
 
     facts = read_facts(text)
-    if facts is not None and MARKER in text and BLOCK_BEGIN not in text:
+    if facts is not None and MARKER in text and BLOCK_BEGIN not in text and render_card(facts) == text:
         facts["repo_id"] = repo_id
         if base_model and base_model != facts["base_model"]["id"]:
             facts["base_model"].update(id=base_model, source="", note="")
@@ -541,4 +542,7 @@ def render_for_push(text: str, repo_id: str, base_model: Optional[str]) -> str:
     if base_model:
         tags.append(f"base_model:adapter:{base_model}")
     card.data.tags = sorted(set(tags)) or None
+    if card.data.eval_results or getattr(card.data, "model_name", None):  # the model-index names the model
+        card.data.model_name = repo_id
+    card.text = card.text.replace('"path/to/adapter"', f'"{repo_id}"')
     return str(card)

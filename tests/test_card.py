@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,7 @@ def test_push_dry_run_writes_what_would_be_uploaded(minilm_run, capsys):
     card = ModelCard.load(out / "README.md")
     assert card.data.base_model == MINILM_ID and card.data.model_name == "someone/minilm-dylora"
     assert 'from_pretrained("someone/minilm-dylora")' in card.text and "path/to/adapter" not in card.text
+    assert f"# someone/minilm-dylora: dylora adapter for {MINILM_ID}" in card.text  # rendered again, not patched
     for name in listed:
         if name.endswith((".json", ".md")):
             text = (out / name).read_text()
@@ -107,6 +109,18 @@ def test_push_dry_run_writes_what_would_be_uploaded(minilm_run, capsys):
     assert cli.main(["push", str(adapter), "someone/other", "--dry-run", "--out", str(out)]) == 0
     assert ModelCard.load(out / "README.md").data.model_name == "someone/other"
     assert cli.main(["push", str(adapter), "someone/other", "--dry-run", "--out", str(adapter.parent)]) == 2
+
+
+def test_push_keeps_a_card_edited_by_hand(minilm_run, tmp_path):
+    edited = tmp_path / "adapter"
+    shutil.copytree(minilm_run / "adapter", edited)
+    card = edited / "README.md"
+    card.write_text(card.read_text().replace("## Method", "My own notes.\n\n## Method"))
+    assert cli.main(["push", str(edited), "someone/edited", "--dry-run", "--out", str(tmp_path / "o")]) == 0
+    pushed = ModelCard.load(tmp_path / "o" / "README.md")
+    assert "My own notes." in pushed.text and pushed.data.base_model == MINILM_ID
+    assert pushed.data.model_name == "someone/edited" and 'from_pretrained("someone/edited")' in pushed.text
+    assert not local_paths(str(pushed), tmp_path, minilm_run)
 
 
 def test_push_refuses_a_local_base_without_hub_id(tmp_path, capsys):
