@@ -500,14 +500,16 @@ def write_model_card(model, output_dir, run: Optional[dict] = None, update: Opti
         if update is not None:
             update(model, output_dir)
         card = ModelCard.load(path)
-        ours = metadata(facts).to_dict()
-        for key in ("base_model", "library_name", "pipeline_tag", "datasets", "model-index"):
-            if ours.get(key) is not None:
-                card.data[key] = ours[key]
-            elif key == "base_model" and card.data.get("base_model") and not _is_hub_name(card.data["base_model"]):
+        ours = metadata(facts)
+        for key in ("base_model", "library_name", "pipeline_tag", "datasets"):
+            if getattr(ours, key, None) is not None:
+                setattr(card.data, key, getattr(ours, key))
+            elif key == "base_model" and card.data.base_model and not _is_hub_name(card.data.base_model):
                 card.data.base_model = None  # PEFT wrote the local path
+        if ours.eval_results:
+            card.data.eval_results, card.data.model_name = ours.eval_results, ours.model_name
         tags = [t for t in (card.data.tags or []) if not t.startswith("base_model:adapter:") or _is_hub_name(t[19:])]
-        card.data.tags = sorted(set(tags) | set(ours.get("tags") or []))
+        card.data.tags = sorted(set(tags) | set(ours.tags or []))
         body = card.text
         if BLOCK_BEGIN in body and BLOCK_END in body:
             body = body[: body.index(BLOCK_BEGIN)] + body[body.index(BLOCK_END) + len(BLOCK_END):]
