@@ -89,6 +89,64 @@ class EvaluationSection:
     max_new_tokens: int = field(default=128, metadata={"help": "Token budget of each generated answer."})
 
 
+TRAINER_NAMES = ("sft", "dpo", "mrdpo", "grpo", "sft_grpo")
+
+
+@dataclass
+class TrainerSection:
+    """Which TRL training recipe to run (``peft_ext/trainers``); ``name: null`` keeps the plain transformers Trainer.
+
+    ``trainer: mrdpo`` is short for ``trainer: {name: mrdpo}``. These recipes train causal LMs on ``data.name: gsm``.
+    """
+
+    name: Optional[Literal["sft", "dpo", "mrdpo", "grpo", "sft_grpo"]] = field(
+        default=None,
+        metadata={"help": "sft: TRL SFT; dpo: one round of DPO on pairs from the model; mrdpo: multi-round DPO with "
+                  "merge-and-reinit (video-SALMONN 2); grpo: GRPO; sft_grpo: SFT then GRPO on the same adapter "
+                  "(Gazal-R1); null: the plain Trainer."},
+    )
+    sft_steps: int = field(
+        default=0,
+        metadata={"help": "SFT steps before the preference/RL stage (sft, sft_grpo: the SFT stage; dpo/mrdpo: an SFT "
+                  "warm-up merged into the base before round 1; 0 = none)."},
+    )
+    rounds: int = field(default=3, metadata={"help": "mrdpo: number of rounds (dpo: always 1)."})
+    steps_per_round: int = field(default=20, metadata={"help": "dpo/mrdpo: optimizer steps per round."})
+    grpo_steps: int = field(default=20, metadata={"help": "grpo/sft_grpo: GRPO optimizer steps."})
+    beta: Optional[float] = field(
+        default=None, metadata={"help": "DPO β (default 0.1) or GRPO KL β (default 0.04); null = the recipe default."}
+    )
+    ce_weight: float = field(default=0.1, metadata={"help": "dpo/mrdpo: λ of the CE term on the ground truth."})
+    num_samples: int = field(
+        default=4, metadata={"help": "dpo/mrdpo: answers sampled per problem to build each round's pairs."}
+    )
+    prompts_per_round: Optional[int] = field(
+        default=None,
+        metadata={"help": "dpo/mrdpo: problems per round, a new window of the training set each round; null = all."},
+    )
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature for pairs and GRPO completions."})
+    max_new_tokens: int = field(
+        default=128, metadata={"help": "Token budget of sampled answers (pairs) and GRPO completions."}
+    )
+    rewards: list = field(
+        default_factory=list,
+        metadata={"help": "grpo/sft_grpo: names from peft_ext.rewards.REWARDS (accuracy, format, cosine_length, "
+                  "repetition); required."},
+    )
+    reward_weights: Optional[list] = field(
+        default=None, metadata={"help": "grpo/sft_grpo: one weight per reward; null = all 1."}
+    )
+    num_generations: int = field(default=4, metadata={"help": "grpo/sft_grpo: completions per prompt (a group)."})
+    rebirth: bool = field(
+        default=False,
+        metadata={"help": "mrdpo: after the rounds, SFT the pre-DPO model on the mrDPO model's answers (rebirth)."},
+    )
+    args: dict = field(
+        default_factory=dict,
+        metadata={"help": "Extra keywords of the TRL config (MrDPOConfig, GazalSFTConfig, GazalGRPOConfig)."},
+    )
+
+
 @dataclass
 class Recipe:
     """A whole training run. See the module docstring for an example."""
@@ -101,6 +159,10 @@ class Recipe:
     method: MethodSection = field(default_factory=MethodSection, metadata={"help": "The method."})
     training: dict = field(default_factory=dict, metadata={"help": "transformers.TrainingArguments keywords."})
     evaluation: EvaluationSection = field(default_factory=EvaluationSection, metadata={"help": "The evaluation."})
+    trainer: TrainerSection = field(
+        default_factory=TrainerSection, metadata={"help": "A TRL training recipe (mrdpo, sft_grpo, ...) instead of the "
+                                                  "plain Trainer."}
+    )
 
 
 def _type_name(tp) -> str:
@@ -195,7 +257,11 @@ def recipe_from_dict(data: dict, overrides: Optional[list[str]] = None) -> Recip
     if not isinstance(data, dict):
         raise RecipeError(f"A recipe must be a mapping of sections; got {type(data).__name__}.")
     data = copy.deepcopy(data)
+    if isinstance(data.get("trainer"), str):  # `trainer: mrdpo` is short for `trainer: {name: mrdpo}`
+        data["trainer"] = {"name": data["trainer"]}
     for key, value in parse_overrides(overrides or []):
+        if key == "trainer" and isinstance(value, str):
+            key = "trainer.name"
         _set_dotted(data, key, value)
     recipe = _build(Recipe, data, "")
     _validate_semantics(recipe)
@@ -252,11 +318,80 @@ def _validate_semantics(recipe: Recipe) -> None:
     if recipe.evaluation.generate and (recipe.model.task != "causal_lm" or recipe.data.name not in ("gsm", "bfcl")):
         raise RecipeError("evaluation.generate applies to model.task 'causal_lm' with data.name 'gsm' or 'bfcl'; "
                           f"got {recipe.model.task!r} with {recipe.data.name!r}.")
+    _validate_trainer(recipe)
     ranks = recipe.evaluation.ranks
     if isinstance(ranks, str) and ranks != "all":
         raise RecipeError(f"evaluation.ranks must be 'all', a list of integers or null; got {ranks!r}.")
     if isinstance(ranks, list) and not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in ranks):
         raise RecipeError(f"evaluation.ranks must list integers >= 1; got {ranks!r}.")
+
+
+def trainer_config_class(name: str):
+    """The TRL config class a ``trainer.name`` builds (for validating ``trainer.args``)."""
+    if name in ("dpo", "mrdpo"):
+        from .trainers.mrdpo import MrDPOConfig
+
+        return MrDPOConfig
+    if name == "sft":
+        from .trainers.gazal import GazalSFTConfig
+
+        return GazalSFTConfig
+    from .trainers.gazal import GazalGRPOConfig
+
+    return GazalGRPOConfig
+
+
+def _validate_trainer(recipe: Recipe) -> None:
+    """The ``trainer`` section: known trainer, causal LM on GSM, positive counts, rewards for GRPO, TRL keywords."""
+    t = recipe.trainer
+    if t.name is None:
+        changed = [f.name for f in dataclasses.fields(TrainerSection)
+                   if f.name != "name" and getattr(t, f.name) != getattr(TrainerSection(), f.name)]
+        if changed:
+            raise RecipeError(f"trainer.{changed[0]} applies only with trainer.name set (one of {list(TRAINER_NAMES)}).")
+        return
+    if recipe.model.task != "causal_lm" or recipe.data.name != "gsm":
+        raise RecipeError(f"trainer {t.name!r} needs model.task 'causal_lm' and data.name 'gsm'; got "
+                          f"{recipe.model.task!r} with {recipe.data.name!r}.")
+    if recipe.evaluation.ranks is not None:
+        raise RecipeError(f"evaluation.ranks does not apply with trainer {t.name!r}.")
+    minimum = {"rounds": 1, "steps_per_round": 1, "grpo_steps": 1, "num_samples": 1, "max_new_tokens": 1,
+               "num_generations": 2, "sft_steps": 0}
+    for key, low in minimum.items():
+        if getattr(t, key) < low:
+            raise RecipeError(f"trainer.{key} must be an integer >= {low}; got {getattr(t, key)!r}.")
+    if t.prompts_per_round is not None and t.prompts_per_round < 1:
+        raise RecipeError(f"trainer.prompts_per_round must be an integer >= 1 or null; got {t.prompts_per_round!r}.")
+    for key in ("max_steps", "num_train_epochs", "output_dir"):
+        if key in recipe.training:
+            raise RecipeError(f"training.{key} does not apply with trainer {t.name!r}: the trainer section sets the "
+                              "length (sft_steps, steps_per_round, grpo_steps).")
+    if t.name in ("sft", "sft_grpo") and t.sft_steps < 1:
+        raise RecipeError(f"trainer {t.name!r} needs trainer.sft_steps >= 1 (the SFT stage); got {t.sft_steps}.")
+    if t.ce_weight < 0 or t.temperature < 0 or (t.beta is not None and t.beta < 0):
+        raise RecipeError("trainer.ce_weight, trainer.temperature and trainer.beta must be >= 0.")
+    if t.name in ("grpo", "sft_grpo"):
+        from .rewards import REWARDS
+
+        if not t.rewards:
+            raise RecipeError(f"trainer {t.name!r} needs trainer.rewards: a list from {sorted(REWARDS)}.")
+        unknown = [r for r in t.rewards if r not in REWARDS]
+        if unknown:
+            raise RecipeError(f"trainer.rewards: unknown {unknown}; choose from {sorted(REWARDS)}.")
+        if t.reward_weights is not None and (len(t.reward_weights) != len(t.rewards) or not all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) for w in t.reward_weights)):
+            raise RecipeError(f"trainer.reward_weights must be {len(t.rewards)} numbers (one per reward); got "
+                              f"{t.reward_weights!r}.")
+    elif t.rewards or t.reward_weights is not None:
+        raise RecipeError(f"trainer.rewards applies to grpo and sft_grpo, not {t.name!r}.")
+    if t.rebirth and t.name != "mrdpo":
+        raise RecipeError(f"trainer.rebirth applies to mrdpo, not {t.name!r}.")
+    config_cls = trainer_config_class(t.name)
+    allowed = {f.name for f in dataclasses.fields(config_cls) if f.init} - {"output_dir"}
+    for name in t.args:
+        if name not in allowed:
+            raise unknown_key_error(f"trainer.args.{name}", name, allowed)
+    _check_training_types(t.args, config_cls)
 
 
 def _check_training_types(training: dict, args_cls) -> None:

@@ -112,3 +112,61 @@ def test_grpo_needs_a_reward(tmp_path):
         GazalGRPOConfig(output_dir="x", rewards=[], report_to=[])
     with pytest.raises(ValueError, match="needs one weight per reward"):
         GazalGRPOConfig(output_dir="x", rewards=["accuracy", "format"], reward_weights=[1.0], report_to=[])
+
+
+def _recipe(tmp_path, out, *overrides):
+    from pathlib import Path
+
+    from peft_ext.recipe import load_recipe
+    from peft_ext.trainers._tiny import save_tiny_char_model
+
+    model = tmp_path / "char-llama"
+    if not model.is_dir():
+        save_tiny_char_model(model)
+    root = Path(__file__).resolve().parents[1]
+    return load_recipe(root / "recipes" / "tiny_sft_grpo.yaml", [f"output_dir={out}", f"model.name={model}",
+                                                                 "data.max_length=512", *overrides])
+
+
+def test_sft_grpo_recipe_writes_stages_and_resumes_identically(tmp_path):
+    """Per-stage metrics (GRPO: reward per function), and a run resumed after its SFT stage ends identical."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from peft_ext.trainers.run import train_recipe
+
+    full = tmp_path / "full"
+    metrics = train_recipe(_recipe(tmp_path, full), quiet=True)
+    assert [r["stage"] for r in metrics["stages"]] == ["sft", "grpo"]
+    grpo = metrics["stages"][1]
+    assert {"reward", "reward_accuracy_reward", "reward_format_reward", "reward_cosine_length_reward",
+            "reward_repetition_penalty_reward", "kl"} <= set(grpo)
+    assert set(grpo["eval"]) >= {"accuracy", "format_rate", "mean_length", "repetition"}
+    assert (full / "adapter" / "adapter_config.json").is_file() and (full / "results.png").is_file()
+    cut = tmp_path / "cut"
+    shutil.copytree(full / "stages" / "sft", cut / "stages" / "sft")
+    resumed = train_recipe(_recipe(tmp_path, cut), resume=True, quiet=True)
+    a = load_file(full / "stages" / "grpo" / "adapter_model.safetensors")
+    b = load_file(cut / "stages" / "grpo" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["stages"][-1]["eval"] == metrics["stages"][-1]["eval"]
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["trainer.name=grpo", "trainer.rewards=[]", "trainer.reward_weights=null"],
+         r"trainer 'grpo' needs trainer.rewards: a list from \['accuracy'"),
+        (["trainer.rewards=[accuracy, speed]", "trainer.reward_weights=null"], r"trainer.rewards: unknown \['speed'\]"),
+        (["trainer.reward_weights=[1.0]"], "trainer.reward_weights must be 4 numbers"),
+        (["trainer.sft_steps=0"], "trainer 'sft_grpo' needs trainer.sft_steps >= 1"),
+        (["trainer.num_generations=1"], "trainer.num_generations must be an integer >= 2"),
+    ],
+)
+def test_grpo_recipe_errors_one_line(overrides, match, tmp_path):
+    from peft_ext.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match=match) as info:
+        _recipe(tmp_path, tmp_path / "out", *overrides)
+    assert "\n" not in str(info.value)

@@ -253,3 +253,70 @@ def test_gsm_builder_rows():
             assert r["chosen"] == r["ground_truth"]
     with pytest.raises(ValueError, match="missing \\['answer_cot'\\]"):
         builder(tiny_llama(), char_tokenizer(), prompts.remove_columns("answer_cot"), 1)
+
+
+def _recipe(tmp_path, name, out, *overrides):
+    from pathlib import Path
+
+    from peft_ext.recipe import load_recipe
+    from peft_ext.trainers._tiny import save_tiny_char_model
+
+    model = tmp_path / "char-llama"
+    if not model.is_dir():
+        save_tiny_char_model(model)
+    root = Path(__file__).resolve().parents[1]
+    return load_recipe(root / "recipes" / f"{name}.yaml", [f"output_dir={out}", f"model.name={model}",
+                                                           "data.max_length=512", *overrides])
+
+
+def test_mrdpo_recipe_writes_rounds_and_resumes_identically(tmp_path):
+    """The tiny recipe (on a character-level tiny Llama): metrics per round, plot, adapter; a run that stopped after
+    round 1 and resumes ends with the same round-2 adapter as the uninterrupted run."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from peft_ext.trainers.run import train_recipe
+
+    full = tmp_path / "full"
+    metrics = train_recipe(_recipe(tmp_path, "tiny_mrdpo", full), quiet=True)
+    assert [r["stage"] for r in metrics["stages"]] == ["round-1", "round-2"]
+    for r in metrics["stages"]:
+        assert r["pairs"] == 2 and {"margin", "reward_accuracy", "ce_loss", "sample_accuracy"} <= set(r)
+        assert set(r["eval"]) >= {"accuracy", "format_rate", "mean_length", "repetition"} and r["eval"]["n"] == 2
+    assert json.loads((full / "metrics.json").read_text())["budget"]["rounds"] == 2
+    assert (full / "results.png").read_bytes()[:4] == b"\x89PNG"
+    final = load_file(full / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(final[k], v) for k, v in load_file(full / "rounds" / "round-2" /
+                                                                "adapter_model.safetensors").items())
+    cut = tmp_path / "cut"  # what a run killed during round 2 leaves: round 1's adapter and the history
+    shutil.copytree(full / "rounds" / "round-1", cut / "rounds" / "round-1")
+    (cut / "stages").mkdir(parents=True)
+    history = json.loads((full / "stages" / "history.json").read_text())
+    (cut / "stages" / "history.json").write_text(json.dumps({"records": history["records"][:1]}))
+    resumed = train_recipe(_recipe(tmp_path, "tiny_mrdpo", cut), resume=True, quiet=True)
+    assert [r["stage"] for r in resumed["stages"]] == ["round-1", "round-2"]
+    a = load_file(full / "rounds" / "round-2" / "adapter_model.safetensors")
+    b = load_file(cut / "rounds" / "round-2" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["stages"][1]["eval"] == metrics["stages"][1]["eval"]
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["data.name=toy_sentiment", "evaluation.generate=0"], "needs model.task 'causal_lm' and data.name 'gsm'"),
+        (["trainer.name=ppo"], "trainer.name must be one of 'sft', 'dpo', 'mrdpo', 'grpo', 'sft_grpo'"),
+        (["trainer.rounds=0"], "trainer.rounds must be an integer >= 1"),
+        (["trainer.args.betta=0.2"], r"Unknown key 'trainer.args.betta'. Did you mean 'beta'\?"),
+        (["trainer.rewards=[accuracy]"], "trainer.rewards applies to grpo and sft_grpo"),
+        (["training.max_steps=3"], "training.max_steps does not apply with trainer 'mrdpo'"),
+    ],
+)
+def test_mrdpo_recipe_errors_one_line(overrides, match, tmp_path):
+    from peft_ext.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match=match) as info:
+        _recipe(tmp_path, "tiny_mrdpo", tmp_path / "out", *overrides)
+    assert "\n" not in str(info.value)

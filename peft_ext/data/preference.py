@@ -99,24 +99,33 @@ class GSMPairBuilder:
     """``pair_builder`` for ``MrDPOTrainer`` on GSM rows (columns ``question``, ``answer``, ``answer_cot``).
 
     Each call samples ``num_samples`` answers per problem from the model it is given (temperature ``temperature``)
-    and returns one pair per problem (see the module docstring). ``last_stats`` holds the round's sample accuracy
+    and returns one pair per problem (see the module docstring); with ``prompts_per_round=n``, round k uses the k-th
+    window of n problems (cycling through the set), so every round sees new problems. ``last_stats`` holds the round's sample accuracy
     (mean score of the policy's samples) and how many pairs came from each source.
     """
 
     def __init__(self, num_samples: int = 4, max_new_tokens: int = 128, temperature: float = 1.0, top_p: float = 1.0,
-                 batch_size: int = 8, seed: int = 0):
+                 batch_size: int = 8, seed: int = 0, prompts_per_round: Optional[int] = None):
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"GSMPairBuilder.num_samples must be an integer >= 1; got {num_samples!r}.")
         if not isinstance(temperature, (int, float)) or temperature < 0:
             raise ValueError(f"GSMPairBuilder.temperature must be a number >= 0; got {temperature!r}.")
         self.num_samples, self.max_new_tokens = num_samples, max_new_tokens
         self.temperature, self.top_p, self.batch_size, self.seed = temperature, top_p, batch_size, seed
+        if prompts_per_round is not None and (isinstance(prompts_per_round, bool) or not isinstance(prompts_per_round, int)
+                                              or prompts_per_round < 1):
+            raise ValueError(f"GSMPairBuilder.prompts_per_round must be an integer >= 1 or None; got {prompts_per_round!r}.")
+        self.prompts_per_round = prompts_per_round
         self.last_stats: dict = {}
 
     def __call__(self, model, tokenizer, prompts, round_index: int) -> list[dict]:
         missing = [c for c in ("question", "answer", "answer_cot") if c not in prompts.column_names]
         if missing:
             raise ValueError(f"GSMPairBuilder needs GSM rows with question, answer, answer_cot; missing {missing}.")
+        if self.prompts_per_round is not None:  # round k takes the k-th window of problems (cycling): new problems
+            n = len(prompts)
+            start = ((round_index - 1) * self.prompts_per_round) % n
+            prompts = prompts.select([(start + i) % n for i in range(min(self.prompts_per_round, n))])
         texts = [gsm_prompt(q) for q in prompts["question"]]
         samples = generate_answers(model, tokenizer, texts, max_new_tokens=self.max_new_tokens,
                                    num_samples=self.num_samples, temperature=self.temperature, top_p=self.top_p,

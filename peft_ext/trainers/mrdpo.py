@@ -372,8 +372,6 @@ class MrDPOTrainer(DPOTrainer):
 
         The merges are the same operations in the same order as in an uninterrupted run, so the base weights are
         bitwise the same, and the run continues with round ``upto + 1``."""
-        from peft import PeftModel
-
         folder = Path(folder) if folder is not None else self._rounds_dir()
         if isinstance(upto, bool) or not isinstance(upto, int) or not 0 <= upto <= self.args.rounds:
             raise ValueError(f"MrDPOTrainer: resume_from_round must be an integer in 0..{self.args.rounds}; "
@@ -381,12 +379,7 @@ class MrDPOTrainer(DPOTrainer):
         if self.rounds_done:
             raise ValueError("MrDPOTrainer.load_rounds: this trainer has already trained rounds; make a new one.")
         base = self.model.unload()  # the fresh adapter made in __init__ is dropped unmerged: the base is untouched
-        for k in range(1, upto + 1):
-            path = folder / f"round-{k}"
-            if not (path / "adapter_config.json").is_file():
-                raise ValueError(f"MrDPOTrainer: cannot resume from round {upto}: {path} has no saved adapter "
-                                 "(save_rounds=True writes one per round).")
-            base = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+        base = apply_rounds(base, folder, upto)
         self._fresh_adapter(base, self.args.seed + upto + 1)
         self.rounds_done = upto
         history = folder / "history.json"
@@ -481,6 +474,25 @@ class MrDPOTrainer(DPOTrainer):
         trainer.train()
         self.model = self.model_wrapped = trainer.model
         return trainer
+
+
+def apply_rounds(base, folder, upto: Optional[int] = None):
+    """Merge the saved round adapters ``folder/round-1 .. round-upto`` (all found when None) into ``base`` in order:
+    the mrDPO model, rebuilt from its small per-round adapters (each is a ΔW on the previous round's merged model)."""
+    from peft import PeftModel
+
+    folder = Path(folder)
+    if upto is None:
+        upto = 0
+        while (folder / f"round-{upto + 1}" / "adapter_config.json").is_file():
+            upto += 1
+    for k in range(1, upto + 1):
+        path = folder / f"round-{k}"
+        if not (path / "adapter_config.json").is_file():
+            raise ValueError(f"mrDPO: cannot rebuild round {upto}: {path} has no saved adapter (save_rounds=True "
+                             "writes one per round).")
+        base = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+    return base
 
 
 def _round_means(log_history: list) -> dict:
