@@ -100,12 +100,14 @@ class GSMPairBuilder:
 
     Each call samples ``num_samples`` answers per problem from the model it is given (temperature ``temperature``)
     and returns one pair per problem (see the module docstring); with ``prompts_per_round=n``, round k uses the k-th
-    window of n problems (cycling through the set), so every round sees new problems. ``last_stats`` holds the round's sample accuracy
+    window of n problems (cycling through the set), so every round sees new problems. ``tagged=True`` writes the
+    gold solution as ``<think>…</think><answer>…</answer>`` (``peft_ext.rewards.tagged_solution``), the format the
+    recipes' SFT stage teaches. ``last_stats`` holds the round's sample accuracy
     (mean score of the policy's samples) and how many pairs came from each source.
     """
 
     def __init__(self, num_samples: int = 4, max_new_tokens: int = 128, temperature: float = 1.0, top_p: float = 1.0,
-                 batch_size: int = 8, seed: int = 0, prompts_per_round: Optional[int] = None):
+                 batch_size: int = 8, seed: int = 0, prompts_per_round: Optional[int] = None, tagged: bool = False):
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"GSMPairBuilder.num_samples must be an integer >= 1; got {num_samples!r}.")
         if not isinstance(temperature, (int, float)) or temperature < 0:
@@ -115,7 +117,7 @@ class GSMPairBuilder:
         if prompts_per_round is not None and (isinstance(prompts_per_round, bool) or not isinstance(prompts_per_round, int)
                                               or prompts_per_round < 1):
             raise ValueError(f"GSMPairBuilder.prompts_per_round must be an integer >= 1 or None; got {prompts_per_round!r}.")
-        self.prompts_per_round = prompts_per_round
+        self.prompts_per_round, self.tagged = prompts_per_round, tagged
         self.last_stats: dict = {}
 
     def __call__(self, model, tokenizer, prompts, round_index: int) -> list[dict]:
@@ -132,8 +134,13 @@ class GSMPairBuilder:
                                    batch_size=self.batch_size)
         rng = np.random.default_rng([self.seed, round_index])
         k = self.num_samples
+        golds = list(prompts["answer_cot"])
+        if self.tagged:
+            from ..rewards import tagged_solution
+
+            golds = [tagged_solution(g, a) for g, a in zip(golds, prompts["answer"])]
         rows = [pair_from_samples(p, samples[i * k : (i + 1) * k], a, g, rng)
-                for i, (p, a, g) in enumerate(zip(texts, prompts["answer"], prompts["answer_cot"]))]
+                for i, (p, a, g) in enumerate(zip(texts, prompts["answer"], golds))]
         self.last_stats = {
             "sample_accuracy": float(np.mean([r["sample_accuracy"] for r in rows])),
             **{f"pairs_{s}": sum(r["source"] == s for r in rows) for s in ("policy", "gold", "perturbed")},

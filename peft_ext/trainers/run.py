@@ -69,13 +69,15 @@ def _stage_metrics(log_history: list) -> dict:
     return out
 
 
-def _sft_data(rows, tagged: bool):
+def _sft_data(rows):
+    """GSM problems as (prompt, completion) rows; the completion is the worked solution in think/answer tags, the
+    format every trainer recipe uses (SFT targets, mrDPO's gold answers, the GRPO format reward)."""
     from datasets import Dataset
 
     from ..data.preference import gsm_prompt
     from ..rewards import tagged_solution
 
-    completions = [tagged_solution(c, a) if tagged else c for c, a in zip(rows["answer_cot"], rows["answer"])]
+    completions = [tagged_solution(c, a) for c, a in zip(rows["answer_cot"], rows["answer"])]
     return Dataset.from_dict({"prompt": [gsm_prompt(q) for q in rows["question"]], "completion": completions})
 
 
@@ -155,7 +157,7 @@ def _run_sft_warmup(run: _Run):
     folder = run.out / "stages" / "sft"
     if run.resume and _done(folder):
         return PeftModel.from_pretrained(run.base, str(folder)).merge_and_unload()
-    sft = SFTTrainer(model=run.base, args=run.sft_args("sft"), train_dataset=_sft_data(run.train_rows, tagged=False),
+    sft = SFTTrainer(model=run.base, args=run.sft_args("sft"), train_dataset=_sft_data(run.train_rows),
                      processing_class=run.tokenizer, peft_config=run.peft_config)
     result = sft.train()
     save_adapter(sft.model, None, folder)
@@ -179,7 +181,7 @@ def _run_mrdpo(run: _Run) -> tuple:
         extra["beta"] = t.beta
     args = MrDPOConfig(**{**kwargs, **extra, **t.args})
     builder = GSMPairBuilder(num_samples=t.num_samples, max_new_tokens=t.max_new_tokens, temperature=t.temperature,
-                             seed=run.recipe.seed, prompts_per_round=t.prompts_per_round)
+                             seed=run.recipe.seed, prompts_per_round=t.prompts_per_round, tagged=True)
     trainer = MrDPOTrainer(model=base, args=args, peft_config=run.peft_config, pair_builder=builder,
                            train_dataset=run.train_rows, processing_class=run.tokenizer)
     done = 0
@@ -245,7 +247,7 @@ def _run_sft_grpo(run: _Run) -> tuple:
     if t.name == "sft":
         from trl import SFTTrainer
 
-        sft = SFTTrainer(model=run.base, args=run.sft_args("sft"), train_dataset=_sft_data(run.train_rows, True),
+        sft = SFTTrainer(model=run.base, args=run.sft_args("sft"), train_dataset=_sft_data(run.train_rows),
                          processing_class=run.tokenizer, peft_config=run.peft_config)
         sft.train()
         save_adapter(sft.model, None, last)
@@ -262,7 +264,7 @@ def _run_sft_grpo(run: _Run) -> tuple:
         resume_stage = "grpo" if run.resume and _done(stages / "sft") else None
         if resume_stage:
             bar.update(1)
-        model = sft_then_grpo(run.base, run.tokenizer, _sft_data(run.train_rows, True), grpo_data, run.peft_config,
+        model = sft_then_grpo(run.base, run.tokenizer, _sft_data(run.train_rows), grpo_data, run.peft_config,
                               run.sft_args("sft"), run.grpo_args(), stage_dir=str(stages), resume_stage=resume_stage,
                               on_stage_end=on_stage_end)
     bar.close()
