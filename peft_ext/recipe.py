@@ -386,7 +386,10 @@ def _validate_trainer(recipe: Recipe) -> None:
         raise RecipeError(f"trainer.rewards applies to grpo and sft_grpo, not {t.name!r}.")
     if t.rebirth and t.name != "mrdpo":
         raise RecipeError(f"trainer.rebirth applies to mrdpo, not {t.name!r}.")
-    config_cls = trainer_config_class(t.name)
+    try:
+        config_cls = trainer_config_class(t.name)
+    except ImportError as exc:
+        raise RecipeError(f"trainer {t.name!r} needs TRL: pip install 'peft-ext[trl,data]' ({exc}).") from exc
     allowed = {f.name for f in dataclasses.fields(config_cls) if f.init} - {"output_dir"}
     for name in t.args:
         if name not in allowed:
