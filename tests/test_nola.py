@@ -162,7 +162,8 @@ def test_init_weights_false_is_random_per_adapter_and_lora_sized(mlp_inputs):
     assert not torch.equal(layer.nola_coef_A["default"].weight, layer.nola_coef_A["other"].weight)
     a, b = layer.factors("default")
     a0 = a0_matrix(int(layer.nola_seed["default"]), 4, 64)
-    assert 0.2 < (a - a0).std() / a0.std() < 5 and 0.2 < b.std() * (3 * 4) ** 0.5 < 5  # kaiming-uniform: std 1/√(3·fan_in)
+    # kaiming-uniform sizes: A - A0 like A0, B of std 1/√(3·r)
+    assert 0.2 < (a - a0).std() / a0.std() < 5 and 0.2 < b.std() * (3 * 4) ** 0.5 < 5
     with torch.no_grad():
         unmerged = model(mlp_inputs)
         merged = model.merge_and_unload(safe_merge=True)(mlp_inputs)

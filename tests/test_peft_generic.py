@@ -25,9 +25,8 @@ import inspect
 
 import pytest
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
-
 from conftest import METHODS
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft_upstream import load_peft_test_module
 
 UP = load_peft_test_module("test_custom_models")
@@ -45,7 +44,11 @@ MODEL_TARGETS = [
     ("EmbConv1D", ["lin0"], {}),
 ]
 # the embedding / conv layers of PEFT's test models, by the layer type MethodSpec.layer_types names
-LAYER_TYPE_TARGETS = {"embedding": ("EmbConv1D", "emb"), "conv1d": ("EmbConv1D", "conv1d"), "conv2d": ("Conv2d", "conv2d")}
+LAYER_TYPE_TARGETS = {
+    "embedding": ("EmbConv1D", "emb"),
+    "conv1d": ("EmbConv1D", "conv1d"),
+    "conv2d": ("Conv2d", "conv2d"),
+}
 # PEFT's 12-way dtype matrix (fp16 / bf16 / fp32 x autocast x low_cpu_mem_usage) checks the adapter weights' dtype,
 # which does not depend on the targeted modules: it runs on each method's first case only
 FIRST_CASE_ONLY = {"test_adapter_dtype_autocast"}
@@ -249,7 +252,8 @@ def test_undeclared_layer_types_are_refused(spec, layer_type):
     base = UP.MockTransformerWrapper.from_pretrained(model_id)
     before = {k: v.clone() for k, v in base.state_dict().items()}
     config = spec.config_cls(**{**spec.example_kwargs, "target_modules": [module]})
-    with pytest.raises(TypeError, match=rf"^{spec.name} \(.*target module '{module}' is a {type(getattr(base, module)).__name__}"):
+    kind = type(getattr(base, module)).__name__
+    with pytest.raises(TypeError, match=rf"^{spec.name} \(.*target module '{module}' is a {kind}"):
         get_peft_model(base, config)
     assert not any(isinstance(m, BaseTunerLayer) for m in base.modules())
     assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())

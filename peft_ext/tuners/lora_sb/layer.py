@@ -101,7 +101,10 @@ class LoraSBLayer(ExtLayer):
             B, A = U.cpu(), (S.unsqueeze(1) * Vh).cpu()  # B·A = W_r, the best rank-r approximation of W
             # init_weights=False: a random R from torch's global generator (as PEFT's random inits), so two adapters on
             # one layer differ; A and B are the SVD of W either way
-            R = torch.randn((r, r), generator=gen) * config.r_init_std if config.init_weights else torch.randn(r, r) * 0.1
+            if config.init_weights:
+                R = torch.randn((r, r), generator=gen) * config.r_init_std
+            else:
+                R = torch.randn(r, r) * 0.1
             self.lora_sb_pending[adapter_name] = False
         else:
             B = random_orthonormal(self.out_features, r, gen)

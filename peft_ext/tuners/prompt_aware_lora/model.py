@@ -177,7 +177,8 @@ class PromptAwareLoraModel(ExtModel):
             nn.init.zeros_(pool.fc2.weight)
             nn.init.constant_(pool.fc2.bias, min(config.lora_alpha / config.r, config.clamp))
         param = next(model.parameters(), None)
-        if param is not None and not any(p.is_meta for p in pool.parameters()):  # meta: low_cpu_mem_usage, load fills it
+        # pool parameters on meta (low_cpu_mem_usage): the adapter file fills them
+        if param is not None and not any(p.is_meta for p in pool.parameters()):
             # the base model's device and float dtype, like the layers' weights; _cast_adapter_dtype upcasts it
             pool.to(param.device, dtype=param.dtype if param.is_floating_point() else None)
         self.prompt_aware_lora_pool[adapter_name] = pool
