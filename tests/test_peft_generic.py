@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import subprocess
 
 import pytest
 import torch
@@ -257,3 +258,30 @@ def test_undeclared_layer_types_are_refused(spec, layer_type):
         get_peft_model(base, config)
     assert not any(isinstance(m, BaseTunerLayer) for m in base.modules())
     assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
+
+
+def test_peft_tests_are_fetched_once_into_a_complete_cache(monkeypatch, tmp_path):
+    """The cached copy is reused without a download, holds the generic suite, and a named folder that lacks it is a
+    clear error; a failed download leaves no partial cache behind."""
+    import peft
+    import peft_upstream
+
+    folder = peft_upstream.peft_tests_dir()
+    assert all((folder / name).is_file() for name in peft_upstream.REQUIRED)
+    assert folder.name == f"peft-{peft.__version__}-tests" and not (folder / "__init__.py").exists()
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("the cache was complete; nothing should be downloaded")
+
+    monkeypatch.setattr(peft_upstream.subprocess, "run", no_download)
+    assert peft_upstream.peft_tests_dir() == folder
+    monkeypatch.setenv("PEFT_EXT_PEFT_TESTS", str(tmp_path))
+    with pytest.raises(RuntimeError, match="PEFT_EXT_PEFT_TESTS=.* lacks one of"):
+        peft_upstream.peft_tests_dir()
+    monkeypatch.delenv("PEFT_EXT_PEFT_TESTS")
+    monkeypatch.setenv("PEFT_EXT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(peft_upstream.subprocess, "run",
+                        lambda *a, **k: subprocess.CompletedProcess(a, 1, "", "no network"))
+    with pytest.raises(RuntimeError, match="Could not fetch PEFT .*no network"):
+        peft_upstream.peft_tests_dir()
+    assert list((tmp_path / "cache").iterdir()) == []  # the staging folder is gone, no cache entry was made
