@@ -424,10 +424,11 @@ class ExtModel(BaseTuner):
         backend = resolve_quantization_backend(target)
         if isinstance(target, nn.Linear) or (backend is not None and backend.layer_type == "linear"):
             return
+        method = config.method_name
         raise TypeError(
-            f"{config.method_name} ({type(config).__name__}) adapts linear layers only (torch.nn.Linear and "
-            f"bitsandbytes Linear8bitLt / Linear4bit); target module {key!r} is a {type(target).__name__}. Leave it "
-            "out of target_modules, or put it in modules_to_save to train it fully."
+            f"{method} ({type(config).__name__}): {type(target).__name__} is not supported (target module {key!r}); "
+            f"{method} adapts linear layers only (torch.nn.Linear and bitsandbytes Linear8bitLt / Linear4bit). Leave "
+            "it out of target_modules, or put it in modules_to_save to train it fully."
         )
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
