@@ -37,7 +37,7 @@ from .tuners.gated_lora import GatedLoraConfig, GatedLoraModel  # noqa: E402
 from .tuners.prompt_aware_lora import PromptAwareLoraConfig, PromptAwareLoraModel  # noqa: E402
 from .hub import push_to_hub  # noqa: E402
 from .presets import load_config  # noqa: E402
-from . import callbacks, init, optim, presets  # noqa: E402
+from . import callbacks, fsdp, init, optim, presets  # noqa: E402
 
 __all__ = [
     "BlockLoraConfig",
@@ -66,6 +66,7 @@ __all__ = [
     "SwitchLoraConfig",
     "SwitchLoraModel",
     "callbacks",
+    "fsdp",
     "get_method",
     "init",
     "list_methods",

@@ -151,6 +151,15 @@ def _patch_peft_model() -> None:
             return orig_save(self, save_directory, *args, **kwargs)
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory must be a folder; {os.fspath(save_directory)!r} is a file.")
+        if kwargs.get("state_dict") is None:
+            from .fsdp import is_sharded
+
+            if is_sharded(self):
+                raise ValueError(
+                    "save_pretrained on an FSDP-sharded model sees only this rank's shards; call "
+                    "peft_ext.fsdp.save_adapter(model, path) on every rank, or pass "
+                    "state_dict=accelerator.get_state_dict(model)."
+                )
         target = os.path.abspath(save_directory)
         parent = os.path.dirname(target)
         os.makedirs(parent, exist_ok=True)

@@ -414,9 +414,13 @@ def train(recipe: Recipe, resume: bool = False, quiet: bool = False, extra_callb
     rows = evaluate_model(trainer, model, recipe, tokenizer, raw_eval)
     adapter_dir = out / "adapter"
     main_process = trainer.is_world_process_zero()  # several processes (torchrun / accelerate): one writes
+    from . import fsdp
+
+    # an FSDP-sharded model holds only this rank's shards: gather the full state on every rank (a collective)
+    state = fsdp.full_state_dict(model) if fsdp.is_sharded(model) else None
     if main_process:
         run_card = card_run_facts(recipe, args, len(train_set), len(eval_set), rows, baseline, result, train_time)
-        save_adapter(model, tokenizer, adapter_dir, card_run=run_card)
+        save_adapter(fsdp.unwrap(model), tokenizer, adapter_dir, card_run=run_card, state_dict=state)
     trainer.accelerator.wait_for_everyone()
     trainable, total = model.get_nb_trainable_parameters()
     tokens = trainer.state.num_input_tokens_seen  # non-padding tokens since the start of the run
@@ -512,13 +516,14 @@ def plot_ranks(metrics: dict, path: Path) -> Optional[Path]:
     return path
 
 
-def save_adapter(model, tokenizer, adapter_dir, card_run: Optional[dict] = None) -> Path:
+def save_adapter(model, tokenizer, adapter_dir, card_run: Optional[dict] = None, state_dict=None) -> Path:
     """Save adapter, config, model card and tokenizer into ``adapter_dir``, each file atomically.
 
     Everything is written into a staging folder beside ``adapter_dir`` and then moved file by file with
     ``os.replace``, so a kill at any moment leaves each file either the previous run's or this run's, whole.
     ``card_run`` (``card_run_facts``) adds the run's data, training arguments and results to the model card
-    (``peft_ext.card``), for peft-ext methods and PEFT's LoRA alike.
+    (``peft_ext.card``), for peft-ext methods and PEFT's LoRA alike. ``state_dict``: the full state of an
+    FSDP-sharded model (``peft_ext.fsdp.full_state_dict``), saved instead of the model's own shards.
     """
     import shutil
 
@@ -526,7 +531,7 @@ def save_adapter(model, tokenizer, adapter_dir, card_run: Optional[dict] = None)
     adapter_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{adapter_dir.name}-", dir=adapter_dir.parent))
     try:
-        model.save_pretrained(staging)
+        model.save_pretrained(staging, **({"state_dict": state_dict} if state_dict is not None else {}))
         if card_run is not None:
             from .card import write_model_card
 

@@ -167,7 +167,7 @@ def test_push_uploads_the_folder_with_its_card(tmp_path):
     api.upload_folder.side_effect = lambda **kw: uploaded.update(
         {p.name: p.read_text(errors="ignore") for p in Path(kw["folder_path"]).iterdir()})
     with mock.patch("peft_ext.hub.HfApi", return_value=api):
-        assert cli.main(["push", str(tmp_path / "adapter"), "me/tiny-dylora"]) == 0
+        assert cli.main(["push", str(tmp_path / "adapter"), "me/tiny-dylora", "--base-model", "owner/tiny-bert"]) == 0
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(uploaded)
     assert "arxiv.org/abs/2210.07558" in uploaded["README.md"]
 
