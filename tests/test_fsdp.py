@@ -40,21 +40,6 @@ pytestmark = [
                        reason="torch.distributed with the gloo backend unavailable"),
 ]
 
-# Methods whose FSDP support waits for a layer change in code outside this test's owner (see the issue-12 report):
-# strict, so the marker must go when the change lands.
-PENDING = {
-    "switchlora": "SwitchLoRA's switch / gradient freeze / Adam-state reset edit DTensor shards with plain tensors",
-}
-
-
-def fsdp_params():
-    return [
-        pytest.param(p.values[0], id=p.id, marks=[pytest.mark.xfail(strict=True, reason=PENDING[p.id])])
-        if p.id in PENDING else p
-        for p in method_params()
-    ]
-
-
 # The FSDP run and the single-process reference do the same arithmetic: FSDP's reduce-scatter averages the two ranks'
 # fp32 gradients (an exact halving around one addition), the reference adds two halved gradients, so most methods
 # agree bit for bit. A kernel that sums in a different order on sharded tensors leaves fp32 rounding that AdamW's
@@ -103,7 +88,7 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12))
 
 
-@pytest.mark.parametrize("spec", fsdp_params())
+@pytest.mark.parametrize("spec", method_params())
 def test_fsdp_trains_sharded_and_saves_one_adapter(spec, fsdp_run):
     recs = records(fsdp_run, spec.name)
     for rec in recs:
@@ -121,7 +106,7 @@ def test_fsdp_trains_sharded_and_saves_one_adapter(spec, fsdp_run):
     assert not any(p.name.startswith(".") for p in (folder / "adapter").iterdir()), "a staging folder was left"
 
 
-@pytest.mark.parametrize("spec", fsdp_params())
+@pytest.mark.parametrize("spec", method_params())
 def test_fsdp_adapter_equals_single_process_training_and_loads(spec, fsdp_run):
     recs = records(fsdp_run, spec.name)
     assert "error" not in recs[0], f"{spec.name} under FSDP: {recs[0]['error']}"

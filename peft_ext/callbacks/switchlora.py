@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from .. import fsdp
 from ..tuners.switchlora.layer import SwitchLoraLayer
 
 _AGE_KEY = "switchlora_step"  # per-vector step counts kept in a stock Adam/AdamW state
@@ -48,6 +49,16 @@ def _is_adam(optimizer) -> bool:
     from ..optim.switchlora import SwitchLoraAdamW  # lazy: the optim package imports the registry
 
     return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, SwitchLoraAdamW))
+
+
+def _fill_vectors(tensor: torch.Tensor, dim: int, positions: torch.Tensor) -> None:
+    """Zero the rows (``dim`` 0) or columns (``dim`` 1) ``positions`` of ``tensor``: of this rank's shard under FSDP2
+    (rows it holds, shifted to local indices), of the whole tensor otherwise."""
+    local, rows = fsdp.local_shard(tensor)
+    positions = positions.to(local.device)
+    if dim == 0:
+        positions = positions[(positions >= rows.start) & (positions < rows.stop)] - rows.start
+    local.index_fill_(dim, positions, 0)
 
 
 class SwitchLoraCallback(TrainerCallback):
@@ -137,10 +148,10 @@ class SwitchLoraCallback(TrainerCallback):
             return  # no state yet: the first step starts every vector fresh anyway
         for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
             if key in state:
-                state[key].index_fill_(dim, positions.to(state[key].device), 0)
+                _fill_vectors(state[key], dim, positions)
         step = state.get("step")
         if torch.is_tensor(step) and step.dim() == 2:  # SwitchLoraAdamW: per-vector steps
-            step.index_fill_(dim, positions.to(step.device), 0)
+            _fill_vectors(step, dim, positions)
             return
         ages = state.get(_AGE_KEY)
         if ages is None:
@@ -199,10 +210,13 @@ class SwitchLoraCallback(TrainerCallback):
                 ages.add_(1)
                 if not self._is_young(p, ages, t):
                     continue
-                params.append(p)
-                exp_avgs.append(state["exp_avg"])
-                sq_avgs.append(state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"])
-                ages_list.append(ages)
+                # FSDP2: this rank's rows of the parameter and its Adam state (all rows without FSDP)
+                local, rows = fsdp.local_shard(p)
+                params.append(local)
+                exp_avgs.append(fsdp.local_shard(state["exp_avg"])[0])
+                sq = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
+                sq_avgs.append(fsdp.local_shard(sq)[0])
+                ages_list.append(ages[rows] if entry[1] == 0 else ages)
                 steps.append(t)
             if not params:
                 continue

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ... import fsdp
 from .._shared.base import ExtLayer
 from .config import SwitchLoraConfig
 
@@ -250,17 +251,20 @@ class SwitchLoraLayer(ExtLayer):
         ``xWᵀ + s·xAᵀBᵀ`` is unchanged up to float rounding. New candidates are taken after the previously selected
         slot (the official "continuous" selection).
         """
-        A = self.switchlora_down[adapter].weight
-        B = self.switchlora_up[adapter].weight
-        dev = A.device
+        A_param = self.switchlora_down[adapter].weight
+        B_param = self.switchlora_up[adapter].weight
+        dev = A_param.device
         empty = torch.zeros(0, dtype=torch.long, device=dev)
         if num <= 0:
             return empty, empty
         if adapter in self.merged_adapters:
             raise RuntimeError(f"SwitchLoRA adapter {adapter!r} is merged; unmerge_adapter() before switching.")
+        # FSDP2 shards A, B and W (DTensors): edit full copies of A and B (small; the parameters themselves when
+        # unsharded) and this rank's rows of W, then write A and B back into the shards
+        A, B = fsdp.gathered(A_param), fsdp.gathered(B_param)
+        W, rows = fsdp.local_shard(self.get_base_layer().weight)
         self.place_bank(adapter)
         bank, track = self.switchlora_bank[adapter], self.switchlora_track[adapter]
-        W = self.get_base_layer().weight
         r, s = self.r[adapter], self.scaling[adapter]
         n_cand = bank.a.shape[0]
         warm = self.schedule[adapter]["adam_warm_step"]
@@ -273,7 +277,7 @@ class SwitchLoraLayer(ExtLayer):
         pa, bank_dev = pos_a.to(dev), bank.a.device
         old = A.index_select(0, pa)
         cand = bank.a.index_select(0, new_a.to(bank_dev)).to(dev, A.dtype)
-        W.addmm_(B.index_select(1, pa).to(W.dtype), (old - cand).to(W.dtype), alpha=s)
+        W.addmm_(B.index_select(1, pa)[rows].to(W.dtype), (old - cand).to(W.dtype), alpha=s)
         bank.a.index_copy_(0, track.slot_a[pos_a].to(bank_dev), old.to(bank_dev, bank.a.dtype))
         A.index_copy_(0, pa, cand)
         track.slot_a[pos_a] = new_a
@@ -285,12 +289,14 @@ class SwitchLoraLayer(ExtLayer):
         pb = pos_b.to(dev)
         old = B.index_select(1, pb)  # out×num
         cand = bank.b.index_select(0, new_b.to(bank_dev)).to(dev, B.dtype).T  # out×num
-        W.addmm_((old - cand).to(W.dtype), A.index_select(0, pb).to(W.dtype), alpha=s)
+        W.addmm_((old - cand)[rows].to(W.dtype), A.index_select(0, pb).to(W.dtype), alpha=s)
         bank.b.index_copy_(0, track.slot_b[pos_b].to(bank_dev), old.T.to(bank_dev, bank.b.dtype))
         B.index_copy_(1, pb, cand)
         track.slot_b[pos_b] = new_b
         track.frozen_a[pos_b] = warm
 
+        fsdp.write_back(A_param, A)
+        fsdp.write_back(B_param, B)
         track.cursor[0] = (c_a + num) % r
         track.cursor[1] = (c_b + num) % r
         track.switched += 2 * num
@@ -302,10 +308,12 @@ class SwitchLoraLayer(ExtLayer):
         track = self.switchlora_track[adapter]
         A = self.switchlora_down[adapter].weight
         B = self.switchlora_up[adapter].weight
-        if A.grad is not None:
-            A.grad.masked_fill_((track.frozen_a > 0).to(A.device)[:, None], 0)
+        if A.grad is not None:  # FSDP2: this rank's rows of the gradient (all rows without FSDP)
+            grad, rows = fsdp.local_shard(A.grad)
+            grad.masked_fill_((track.frozen_a > 0).to(grad.device)[rows, None], 0)
         if B.grad is not None:
-            B.grad.masked_fill_((track.frozen_b > 0).to(B.device)[None, :], 0)
+            grad, _ = fsdp.local_shard(B.grad)
+            grad.masked_fill_((track.frozen_b > 0).to(grad.device)[None, :], 0)
         track.frozen_a.sub_(1).clamp_(min=0)
         track.frozen_b.sub_(1).clamp_(min=0)
 
