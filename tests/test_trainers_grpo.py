@@ -125,7 +125,8 @@ def _recipe(tmp_path, out, *overrides):
         save_tiny_char_model(model)
     root = Path(__file__).resolve().parents[1]
     return load_recipe(root / "recipes" / "tiny_sft_grpo.yaml", [f"output_dir={out}", f"model.name={model}",
-                                                                 "data.max_length=512", *overrides])
+                                                                 "data.max_length=512", "evaluation.generate=1",
+                                                                 "evaluation.baseline=false", *overrides])
 
 
 def test_sft_grpo_recipe_writes_stages_and_resumes_identically(tmp_path):
