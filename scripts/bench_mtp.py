@@ -34,8 +34,7 @@ import torch  # noqa: E402
 from peft_ext._io import atomic_write_json  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-FULL = {"train_prompts": 32, "gen_tokens": 64, "steps": 80, "time_budget": 540.0, "eval_prompts": 4,
-        "eval_tokens": 64}
+FULL = {"train_prompts": 32, "gen_tokens": 64, "steps": 80, "time_budget": 540.0, "eval_prompts": 4, "eval_tokens": 64}
 QUICK = {"train_prompts": 4, "gen_tokens": 16, "steps": 2, "time_budget": 60.0, "eval_prompts": 1, "eval_tokens": 12}
 
 
@@ -83,33 +82,52 @@ def main(argv: Optional[list[str]] = None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     model = get_peft_model(base, GatedLoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS))
-    config = MTPConfig(num_masks=args.num_masks, steps=args.steps, batch_size=args.batch_size,
-                       learning_rate=args.lr, blocks_per_sequence=args.blocks_per_sequence,
-                       train_prompts=args.train_prompts, gen_tokens=args.gen_tokens, eval_prompts=args.eval_prompts,
-                       eval_tokens=args.eval_tokens)
+    config = MTPConfig(
+        num_masks=args.num_masks,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        blocks_per_sequence=args.blocks_per_sequence,
+        train_prompts=args.train_prompts,
+        gen_tokens=args.gen_tokens,
+        eval_prompts=args.eval_prompts,
+        eval_tokens=args.eval_tokens,
+    )
     mtp = MTPModel(model, num_masks=config.num_masks)
     gsm = load_gsm(n_train=args.train_prompts, n_test=max(args.eval_prompts, 1), seed=args.seed)
     t0 = time.perf_counter()
-    data = self_generate(model, tokenizer, [mtp_prompt(tokenizer, q) for q in gsm["train"]["question"]],
-                         args.gen_tokens, batch_size=4)
+    data = self_generate(
+        model, tokenizer, [mtp_prompt(tokenizer, q) for q in gsm["train"]["question"]], args.gen_tokens, batch_size=4
+    )
     gen_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    history = train_mtp(mtp, data, config, tokenizer.pad_token_id, seed=args.seed, progress=True,
-                        max_seconds=args.time_budget)
+    history = train_mtp(
+        mtp, data, config, tokenizer.pad_token_id, seed=args.seed, progress=True, max_seconds=args.time_budget
+    )
     train_s = time.perf_counter() - t0
     prompts = [mtp_prompt(tokenizer, q) for q in gsm["test"]["question"][: args.eval_prompts]]
-    decoding = {v: measure_decoding(mtp, tokenizer, prompts, args.eval_tokens, verification=v)
-                for v in ("linear", "quadratic")}
+    decoding = {
+        v: measure_decoding(mtp, tokenizer, prompts, args.eval_tokens, verification=v) for v in ("linear", "quadratic")
+    }
     tail = history[-10:]
     payload = {
         "model": "SmolLM2-135M-Instruct (float32, CPU)",
         "paper": "https://arxiv.org/abs/2507.11851",
         "seed": args.seed,
         "threads": args.threads,
-        "budget": {"train_prompts": args.train_prompts, "gen_tokens": args.gen_tokens, "steps_run": len(history),
-                   "steps_max": args.steps, "time_budget_s": args.time_budget, "batch_size": args.batch_size,
-                   "blocks_per_sequence": args.blocks_per_sequence, "num_masks": args.num_masks, "lr": args.lr,
-                   "self_generation_s": gen_s, "train_s": train_s},
+        "budget": {
+            "train_prompts": args.train_prompts,
+            "gen_tokens": args.gen_tokens,
+            "steps_run": len(history),
+            "steps_max": args.steps,
+            "time_budget_s": args.time_budget,
+            "batch_size": args.batch_size,
+            "blocks_per_sequence": args.blocks_per_sequence,
+            "num_masks": args.num_masks,
+            "lr": args.lr,
+            "self_generation_s": gen_s,
+            "train_s": train_s,
+        },
         "final_train": {k: sum(r[k] for r in tail) / len(tail) for k in tail[0] if k != "step"} if tail else {},
         "decoding": decoding,
         "history": history,
@@ -117,15 +135,33 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "versions": benchlib.versions(),
     }
     path = atomic_write_json(args.out, payload)
-    head = ["verification", "tokens / forward", "draft acceptance", "identical to generate()", "plain s", "MTP s",
-            "speed-up"]
-    rows = [[v, benchlib.fmt(d["tokens_per_forward"], ".2f"), benchlib.fmt(d["acceptance_rate"], ".2f"),
-             f"{d['identical'] * d['prompts']:.0f}/{d['prompts']}", benchlib.fmt(d["plain_s"], ".1f"),
-             benchlib.fmt(d["mtp_s"], ".1f"), benchlib.fmt(d["speedup"], ".2f") + "x"]
-            for v, d in decoding.items() if d]
-    print(f"MTP on SmolLM2-135M-Instruct, CPU ({args.threads} thread), seed {args.seed}: {len(history)} steps in "
-          f"{train_s:.0f} s on {args.train_prompts} self-generated answers ({args.gen_tokens} tokens), k="
-          f"{args.num_masks}; {args.eval_prompts} held-out prompts x {args.eval_tokens} tokens")
+    head = [
+        "verification",
+        "tokens / forward",
+        "draft acceptance",
+        "identical to generate()",
+        "plain s",
+        "MTP s",
+        "speed-up",
+    ]
+    rows = [
+        [
+            v,
+            benchlib.fmt(d["tokens_per_forward"], ".2f"),
+            benchlib.fmt(d["acceptance_rate"], ".2f"),
+            f"{d['identical'] * d['prompts']:.0f}/{d['prompts']}",
+            benchlib.fmt(d["plain_s"], ".1f"),
+            benchlib.fmt(d["mtp_s"], ".1f"),
+            benchlib.fmt(d["speedup"], ".2f") + "x",
+        ]
+        for v, d in decoding.items()
+        if d
+    ]
+    print(
+        f"MTP on SmolLM2-135M-Instruct, CPU ({args.threads} thread), seed {args.seed}: {len(history)} steps in "
+        f"{train_s:.0f} s on {args.train_prompts} self-generated answers ({args.gen_tokens} tokens), k="
+        f"{args.num_masks}; {args.eval_prompts} held-out prompts x {args.eval_tokens} tokens"
+    )
     print(benchlib.markdown(head, rows))
     print(f"written: {path}")
     return payload

@@ -17,7 +17,6 @@ from peft_ext.trainers.mtp import (
     MTPConfig,
     MTPModel,
     collate,
-    measure_decoding,
     mtp_generate,
     mtp_layout,
     train_mtp,
@@ -92,8 +91,14 @@ def test_speculative_greedy_equals_generate(verification, monkeypatch):
     mtp = mtp_model(seed=2)
     prompt = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        reference = mtp.model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24,
-                                       do_sample=False, eos_token_id=None, pad_token_id=0)
+        reference = mtp.model.generate(
+            input_ids=prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=24,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
     assert reference.shape[1] == 7 + 24
     # 1) the model's own drafts (random adapter and sampler: almost all rejected)
     out, stats = mtp_generate(mtp, prompt, 24, verification=verification)
@@ -136,8 +141,10 @@ def test_only_adapter_sampler_and_mask_row_train():
     assert trainable and all("gated_lora_" in n or n.startswith("head.") for n in trainable)
     assert not emb.requires_grad and not mtp.model.get_output_embeddings().weight.requires_grad
     g = torch.Generator().manual_seed(4)
-    data = [(torch.randint(0, 128, (5 + i,), generator=g).tolist(), torch.randint(0, 128, (8,), generator=g).tolist())
-            for i in range(3)]
+    data = [
+        (torch.randint(0, 128, (5 + i,), generator=g).tolist(), torch.randint(0, 128, (8,), generator=g).tolist())
+        for i in range(3)
+    ]
     before = {n: p.detach().clone() for n, p in mtp.named_parameters() if p.requires_grad}
     history = train_mtp(mtp, data, MTPConfig(steps=3, batch_size=2, learning_rate=1e-2), pad_id=0)
     assert len(history) == 3 and all(torch.isfinite(torch.tensor(r["loss"])) for r in history)
@@ -150,9 +157,9 @@ def test_only_adapter_sampler_and_mask_row_train():
 
 
 def test_loss_targets_and_consistency_on_a_hand_check():
-    """The loss's pieces against a direct computation on one sequence: the CE of lm_head at the masks equals the CE
-    computed from the layout forward by hand, and with the gate off (adapter zero) the consistency term is exactly
-    the gap between a mask state and the base state it must match."""
+    """The loss's pieces against a direct computation on one sequence (one plain layout forward, no KV cache): the CE
+    of lm_head at the masks against the token d + 2 after the anchor, and the consistency term against the regular
+    state one position before that token."""
     mtp = mtp_model(random_adapter=False, k=2)
     ids, valid, start = collate([([5, 6, 7, 8], [9, 10, 11, 12, 13])], pad_id=0)
     cfg = MTPConfig(sampler_loss_weight=0.0, consistency_loss_weight=0.0)
@@ -160,13 +167,37 @@ def test_loss_targets_and_consistency_on_a_hand_check():
         loss, terms = mtp.loss(ids, valid, start, cfg)
         anchors = torch.arange(start - 1, ids.shape[1] - 2)
         hidden = mtp.forward_layout(mtp_layout(ids, valid, anchors, 2))
-        z = hidden[0, ids.shape[1]:].view(len(anchors), 2, -1)
+        z = hidden[0, ids.shape[1] :].view(len(anchors), 2, -1)
         logp = torch.log_softmax(mtp.lm_head(z), -1)
-        nll = [-logp[b, d, ids[0, a + d + 2]] for b, a in enumerate(anchors.tolist()) for d in range(2)
-               if a + d + 2 < ids.shape[1]]
+        nll = [
+            -logp[b, d, ids[0, a + d + 2]]
+            for b, a in enumerate(anchors.tolist())
+            for d in range(2)
+            if a + d + 2 < ids.shape[1]
+        ]
     # same float32 computation through a KV cache vs one forward: summation-order differences only (1e-5 relative)
     torch.testing.assert_close(loss, torch.stack(nll).mean(), rtol=1e-5, atol=1e-5)
     assert terms["targets"] == len(nll)
+    # consistency alone: mean over targets and hidden units of (z_mask - z of the regular position predicting the
+    # same token)^2, that position being one before the target
+    with torch.no_grad():
+        loss_c, _ = mtp.loss(ids, valid, start, MTPConfig(mtp_loss_weight=0.0, sampler_loss_weight=0.0))
+    gaps = [
+        (z[b, d] - hidden[0, a + d + 1]).pow(2).mean()
+        for b, a in enumerate(anchors.tolist())
+        for d in range(2)
+        if a + d + 2 < ids.shape[1]
+    ]
+    torch.testing.assert_close(loss_c, torch.stack(gaps).mean(), rtol=1e-5, atol=1e-6)
+    # soft targets (MTP-GLoRA): CE against the base distribution at that same regular position
+    with torch.no_grad():
+        loss_s, _ = mtp.loss(ids, valid, start, MTPConfig(soft_targets=True, sampler_loss_weight=0.0,
+                                                          consistency_loss_weight=0.0))
+        base_p = torch.softmax(mtp.lm_head(hidden[0, : ids.shape[1]]), -1)
+    soft = [-(base_p[a + d + 1] * logp[b, d]).sum() for b, a in enumerate(anchors.tolist()) for d in range(2)
+            if a + d + 2 < ids.shape[1]]
+    torch.testing.assert_close(loss_s, torch.stack(soft).mean(), rtol=1e-5, atol=1e-5)
+    assert loss_c > 0  # the mask row differs from real tokens, so mask states are not the base states
 
 
 def test_bad_inputs_name_the_field():
@@ -210,7 +241,9 @@ def test_tiny_recipe_writes_adapter_metrics_and_plot(tmp_path):
     recipe.trainer = SimpleNamespace(**trainer)
     metrics = train_mtp_recipe(recipe, quiet=True)
     out = tmp_path / "run"
-    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "adapter" / "mtp_head.safetensors").is_file()
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (
+        out / "adapter" / "mtp_head.safetensors"
+    ).is_file()
     assert (out / "results.png").is_file()
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["decoding"]["identical"] == 1.0 and saved["decoding"]["tokens_per_forward"] >= 1.0

@@ -62,49 +62,89 @@ class MTPConfig:
     """Settings of multi-token prediction training and decoding (https://arxiv.org/abs/2507.11851). UNCERTAIN in the
     paper (no official code): k, the loss weights and the training length; the defaults are a CPU-sized choice."""
 
-    num_masks: int = field(default=4, metadata={"help": "k: <mask> tokens appended after a regular token (drafts per "
-                                                        "forward); MTP-GLoRA's D=4, the paper's k is UNCERTAIN (8?)."})
-    use_sampler: bool = field(default=True, metadata={"help": "Draft with the 2-layer sampler head (conditioned on the "
-                                                              "previous token); False: argmax of lm_head at each mask."})
+    num_masks: int = field(
+        default=4,
+        metadata={
+            "help": "k: <mask> tokens appended after a regular token (drafts per "
+            "forward); MTP-GLoRA's D=4, the paper's k is UNCERTAIN (8?)."
+        },
+    )
+    use_sampler: bool = field(
+        default=True,
+        metadata={
+            "help": "Draft with the 2-layer sampler head (conditioned on the "
+            "previous token); False: argmax of lm_head at each mask."
+        },
+    )
     mtp_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the CE of lm_head at the masks."})
     sampler_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the sampler head's CE."})
-    consistency_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the latent consistency loss "
-                                                                           "||z_mask - sg(z_regular)||^2."})
-    soft_targets: bool = field(default=False, metadata={"help": "CE against the base model's distribution at the "
-                                                                "matching regular position (MTP-GLoRA) instead of "
-                                                                "the generated token."})
+    consistency_loss_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the latent consistency loss ||z_mask - sg(z_regular)||^2."}
+    )
+    soft_targets: bool = field(
+        default=False,
+        metadata={
+            "help": "CE against the base model's distribution at the "
+            "matching regular position (MTP-GLoRA) instead of "
+            "the generated token."
+        },
+    )
     steps: int = field(default=100, metadata={"help": "Optimizer steps."})
     batch_size: int = field(default=2, metadata={"help": "Sequences per step."})
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate (adapter, sampler, mask row)."})
-    warmup_ratio: float = field(default=0.1, metadata={"help": "Share of the steps with a linear learning-rate warm-up "
-                                                               "from 0 (the sampler's dense layers jump otherwise)."})
+    warmup_ratio: float = field(
+        default=0.1,
+        metadata={
+            "help": "Share of the steps with a linear learning-rate warm-up "
+            "from 0 (the sampler's dense layers jump otherwise)."
+        },
+    )
     blocks_per_sequence: Optional[int] = field(
-        default=None, metadata={"help": "Mask blocks trained per sequence per step, drawn at random from the generated "
-                                        "positions (a cheaper unbiased estimate); None: every position."})
-    train_prompts: int = field(default=32, metadata={"help": "Prompts whose greedy continuations are the training data."})
+        default=None,
+        metadata={
+            "help": "Mask blocks trained per sequence per step, drawn at random from the generated "
+            "positions (a cheaper unbiased estimate); None: every position."
+        },
+    )
+    train_prompts: int = field(
+        default=32, metadata={"help": "Prompts whose greedy continuations are the training data."}
+    )
     gen_tokens: int = field(default=64, metadata={"help": "Greedy tokens generated per training prompt."})
     eval_prompts: int = field(default=4, metadata={"help": "Held-out prompts for the decoding measurement."})
     eval_tokens: int = field(default=64, metadata={"help": "max_new_tokens of the decoding measurement."})
-    verification: str = field(default="linear", metadata={"help": "'linear' (masks after the last draft) or "
-                                                                  "'quadratic' (k masks after every draft)."})
+    verification: str = field(
+        default="linear",
+        metadata={"help": "'linear' (masks after the last draft) or 'quadratic' (k masks after every draft)."},
+    )
 
     def __post_init__(self):
         for name in ("num_masks", "steps", "batch_size", "train_prompts", "gen_tokens", "eval_prompts", "eval_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "eval_prompts" else 1):
-                raise ValueError(f"MTPConfig.{name} must be an integer >= {0 if name == 'eval_prompts' else 1}; "
-                                 f"got {value!r}.")
+                raise ValueError(
+                    f"MTPConfig.{name} must be an integer >= {0 if name == 'eval_prompts' else 1}; got {value!r}."
+                )
         if self.blocks_per_sequence is not None and (
-                isinstance(self.blocks_per_sequence, bool) or not isinstance(self.blocks_per_sequence, int)
-                or self.blocks_per_sequence < 1):
-            raise ValueError(f"MTPConfig.blocks_per_sequence must be None or an integer >= 1; "
-                             f"got {self.blocks_per_sequence!r}.")
-        if isinstance(self.warmup_ratio, bool) or not isinstance(self.warmup_ratio, (int, float)) or not (
-                0 <= self.warmup_ratio <= 1):
+            isinstance(self.blocks_per_sequence, bool)
+            or not isinstance(self.blocks_per_sequence, int)
+            or self.blocks_per_sequence < 1
+        ):
+            raise ValueError(
+                f"MTPConfig.blocks_per_sequence must be None or an integer >= 1; got {self.blocks_per_sequence!r}."
+            )
+        if (
+            isinstance(self.warmup_ratio, bool)
+            or not isinstance(self.warmup_ratio, (int, float))
+            or not (0 <= self.warmup_ratio <= 1)
+        ):
             raise ValueError(f"MTPConfig.warmup_ratio must be a number in [0, 1]; got {self.warmup_ratio!r}.")
         for name in ("mtp_loss_weight", "sampler_loss_weight", "consistency_loss_weight", "learning_rate"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value >= 0 and math.isfinite(value)):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not (value >= 0 and math.isfinite(value))
+            ):
                 raise ValueError(f"MTPConfig.{name} must be a finite number >= 0; got {value!r}.")
         for name in ("use_sampler", "soft_targets"):
             if not isinstance(getattr(self, name), bool):
@@ -112,8 +152,10 @@ class MTPConfig:
         if self.verification not in VERIFICATIONS:
             raise ValueError(f"MTPConfig.verification must be one of {list(VERIFICATIONS)}; got {self.verification!r}.")
         if self.mtp_loss_weight + self.sampler_loss_weight + self.consistency_loss_weight == 0:
-            raise ValueError("MTPConfig: every loss weight is 0; set mtp_loss_weight, sampler_loss_weight or "
-                             "consistency_loss_weight > 0.")
+            raise ValueError(
+                "MTPConfig: every loss weight is 0; set mtp_loss_weight, sampler_loss_weight or "
+                "consistency_loss_weight > 0."
+            )
 
 
 # ---------------------------------------------------------------------------------------------------- the model
@@ -129,8 +171,9 @@ class _RMSNorm(nn.Module):
 
 
 class SamplerHead(nn.Module):
-    """The paper's sampler: a 2-layer MLP on ``concat(emb(previous token), z_mask)`` (§8.5 layout: each layer
-    Linear → SiLU → RMSNorm, a residual around the second), whose output goes through the frozen ``lm_head``."""
+    """The sampler of https://arxiv.org/abs/2507.11851: a 2-layer MLP on ``concat(emb(previous token), z_mask)`` (the
+    MTP-GLoRA layout: each layer Linear → SiLU → RMSNorm, a residual around the second), whose output goes through
+    the frozen ``lm_head``."""
 
     def __init__(self, hidden: int, eps: float = 1e-5):
         super().__init__()
@@ -145,8 +188,9 @@ class SamplerHead(nn.Module):
 
 
 class MTPHead(nn.Module):
-    """What MTP trains besides the gated LoRA: the ``<mask>`` embedding row (initialised to the mean token embedding)
-    and the sampler head (PyTorch's default Linear init, RMSNorm weights 1, as MTP-GLoRA)."""
+    """What MTP (https://arxiv.org/abs/2507.11851) trains besides the gated LoRA: the ``<mask>`` embedding row
+    (initialised to the mean token embedding) and the sampler head (PyTorch's default Linear init, RMSNorm weights 1, as
+    MTP-GLoRA)."""
 
     def __init__(self, hidden: int, eps: float, mask_init: torch.Tensor):
         super().__init__()
@@ -160,14 +204,22 @@ def _check_gated(model) -> None:
     from ..tuners.gated_lora.model import gated_lora_layers
 
     if not isinstance(model, PeftModel) or not gated_lora_layers(model):
-        raise ValueError("MTPModel needs a PeftModel with a gated_lora adapter (get_peft_model(base, "
-                         f"GatedLoraConfig(...))); got {type(model).__name__} without gated LoRA layers.")
+        raise ValueError(
+            "MTPModel needs a PeftModel with a gated_lora adapter (get_peft_model(base, "
+            f"GatedLoraConfig(...))); got {type(model).__name__} without gated LoRA layers."
+        )
     config = model.peft_config[model.active_adapter]
-    if getattr(config, "mode", "route") != "route" or config.gated_modules is not None or config.default_route is not None:
-        raise ValueError("MTPModel: the gated_lora adapter must gate every target (mode='route', gated_modules=None) "
-                         "and have default_route=None, so that regular tokens run the untouched base model; got "
-                         f"mode={config.mode!r}, gated_modules={config.gated_modules!r}, "
-                         f"default_route={config.default_route!r}.")
+    if (
+        getattr(config, "mode", "route") != "route"
+        or config.gated_modules is not None
+        or config.default_route is not None
+    ):
+        raise ValueError(
+            "MTPModel: the gated_lora adapter must gate every target (mode='route', gated_modules=None) "
+            "and have default_route=None, so that regular tokens run the untouched base model; got "
+            f"mode={config.mode!r}, gated_modules={config.gated_modules!r}, "
+            f"default_route={config.default_route!r}."
+        )
 
 
 class MTPModel(nn.Module):
@@ -196,12 +248,20 @@ class MTPModel(nn.Module):
         dtype = embeds.dtype
         mask = torch.zeros(layout["attention_mask"].shape, dtype=dtype, device=embeds.device)
         mask = mask.masked_fill(~layout["attention_mask"], torch.finfo(dtype).min)
-        out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=layout["position_ids"],
-                         gate=is_mask, past_key_values=past_key_values, use_cache=past_key_values is not None,
-                         output_hidden_states=True, logits_to_keep=1)
+        out = self.model(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=layout["position_ids"],
+            gate=is_mask,
+            past_key_values=past_key_values,
+            use_cache=past_key_values is not None,
+            output_hidden_states=True,
+            logits_to_keep=1,
+        )
         return out.hidden_states[-1]
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The base model's (frozen) output head on ``hidden``."""
         return self.model.get_output_embeddings()(hidden)
 
     def sampler_logits(self, prev_tokens: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -221,8 +281,14 @@ class MTPModel(nn.Module):
         return tokens
 
     # -------------------------------------------------------------------- training loss
-    def loss(self, input_ids: torch.Tensor, valid: torch.Tensor, gen_start: int, config: MTPConfig,
-             generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, dict]:
+    def loss(
+        self,
+        input_ids: torch.Tensor,
+        valid: torch.Tensor,
+        gen_start: int,
+        config: MTPConfig,
+        generator: Optional[torch.Generator] = None,
+    ) -> tuple[torch.Tensor, dict]:
         """MTP losses on left-padded self-generated sequences ``input_ids`` ``[B, T]`` whose continuation starts at
         column ``gen_start`` (``valid``: not padding). Regular tokens run once without gradient (a KV cache); the
         mask blocks of the generated positions then run with autograd on top of it."""
@@ -232,8 +298,10 @@ class MTPModel(nn.Module):
         B, T = input_ids.shape
         anchors = torch.arange(max(gen_start - 1, 0), T - 2, device=input_ids.device)  # mask 0 predicts anchor + 2
         if anchors.numel() == 0:
-            raise ValueError(f"MTP loss: sequences of {T} tokens with the continuation at {gen_start} leave no "
-                             "position with a future token to predict; generate at least 2 tokens.")
+            raise ValueError(
+                f"MTP loss: sequences of {T} tokens with the continuation at {gen_start} leave no "
+                "position with a future token to predict; generate at least 2 tokens."
+            )
         if config.blocks_per_sequence is not None and anchors.numel() > config.blocks_per_sequence:
             pick = torch.randperm(anchors.numel(), generator=generator)[: config.blocks_per_sequence]
             anchors = anchors[pick.sort().values.to(anchors.device)]
@@ -279,6 +347,7 @@ class MTPModel(nn.Module):
 
     # -------------------------------------------------------------------- saving
     def trainable_parameters(self) -> list:
+        """The parameters MTP trains: the gated LoRA, the sampler and the mask row."""
         return [p for p in self.parameters() if p.requires_grad]
 
     def save_pretrained(self, folder, tokenizer=None, extra: Optional[dict] = None) -> Path:
@@ -294,8 +363,15 @@ class MTPModel(nn.Module):
         state = {k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}
         data = save(state)
         atomic_write(folder / HEAD_FILE, lambda f: f.write(data), binary=True)
-        atomic_write_json(folder / CONFIG_FILE, {"num_masks": self.num_masks, "use_sampler": self.use_sampler,
-                                                 "paper": "https://arxiv.org/abs/2507.11851", **(extra or {})})
+        atomic_write_json(
+            folder / CONFIG_FILE,
+            {
+                "num_masks": self.num_masks,
+                "use_sampler": self.use_sampler,
+                "paper": "https://arxiv.org/abs/2507.11851",
+                **(extra or {}),
+            },
+        )
         return folder
 
     @classmethod
@@ -309,7 +385,9 @@ class MTPModel(nn.Module):
         folder = Path(folder)
         head_file = folder / HEAD_FILE
         if not (folder / CONFIG_FILE).is_file() or not safetensors_is_whole(head_file):
-            raise ValueError(f"{folder} is not a complete MTP folder: {CONFIG_FILE} and a whole {HEAD_FILE} are needed.")
+            raise ValueError(
+                f"{folder} is not a complete MTP folder: {CONFIG_FILE} and a whole {HEAD_FILE} are needed."
+            )
         meta = json.loads((folder / CONFIG_FILE).read_text())
         model = PeftModel.from_pretrained(base, str(folder))
         state = load_file(str(head_file))
@@ -320,18 +398,24 @@ class MTPModel(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------- layout
-def mtp_layout(input_ids: torch.Tensor, valid: Optional[torch.Tensor], anchors: Optional[torch.Tensor],
-               num_masks: int, past: int = 0, past_positions: Optional[torch.Tensor] = None,
-               cached: bool = False) -> dict:
-    """Inputs of one MTP forward: regular tokens ``input_ids`` ``[B, T]`` followed by ``num_masks`` masks after each
-    regular index in ``anchors`` (None: no masks), with explicit position ids and a 4-D boolean attention mask
-    ``[B, 1, queries, keys]`` (True = attend).
+def mtp_layout(
+    input_ids: torch.Tensor,
+    valid: Optional[torch.Tensor],
+    anchors: Optional[torch.Tensor],
+    num_masks: int,
+    past: int = 0,
+    past_positions: Optional[torch.Tensor] = None,
+    cached: bool = False,
+) -> dict:
+    """Inputs of one MTP forward (https://arxiv.org/abs/2507.11851): regular tokens ``input_ids`` ``[B, T]`` followed by
+    ``num_masks`` masks after each regular index in ``anchors`` (None: no masks), with explicit position ids and a 4-D
+    boolean attention mask ``[B, 1, queries, keys]`` (True = attend).
 
-    ``past``: keys already in the KV cache (all attended). ``cached=True``: the regular tokens themselves are
-    already in the cache (they were the previous forward, e.g. training's no-grad pass): the queries are the masks
-    only and the keys are ``[regular tokens, masks]``. Regular positions: ``past_positions + cumsum(valid) - 1``
-    (left padding); mask ``d`` after regular ``i`` sits at ``pos(i) + d + 1``. Padding queries attend themselves
-    only, so no row of the mask is empty."""
+    ``past``: keys already in the KV cache (all attended). ``cached=True``: the regular tokens themselves are already in
+    the cache (they were the previous forward, e.g. training's no-grad pass): the queries are the masks only and the
+    keys are ``[regular tokens, masks]``. Regular positions: ``past_positions + cumsum(valid) - 1`` (left padding); mask
+    ``d`` after regular ``i`` sits at ``pos(i) + d + 1``. Padding queries attend themselves only, so no row of the mask
+    is empty."""
     B, T = input_ids.shape
     device = input_ids.device
     valid = torch.ones_like(input_ids, dtype=torch.bool) if valid is None else valid.bool()
@@ -350,8 +434,9 @@ def mtp_layout(input_ids: torch.Tensor, valid: Optional[torch.Tensor], anchors: 
         mask_anchor = mask_d = mask_block = torch.zeros(0, dtype=torch.long, device=device)
         mask_pos = reg_pos[:, :0]
     # keys: [past, regular T, masks]; queries: [regular T (unless cached), masks]
-    key_is_reg = torch.cat([torch.ones(T, dtype=torch.bool, device=device), torch.zeros(nb * k, dtype=torch.bool,
-                                                                                          device=device)])
+    key_is_reg = torch.cat(
+        [torch.ones(T, dtype=torch.bool, device=device), torch.zeros(nb * k, dtype=torch.bool, device=device)]
+    )
     key_reg = torch.cat([reg_idx, torch.full((nb * k,), -1, device=device)])
     key_block = torch.cat([torch.full((T,), -1, device=device), mask_block])
     key_d = torch.cat([torch.full((T,), -1, device=device), mask_d])
@@ -370,8 +455,10 @@ def mtp_layout(input_ids: torch.Tensor, valid: Optional[torch.Tensor], anchors: 
     if past:
         allow = torch.cat([torch.ones(B, allow.shape[1], past, dtype=torch.bool, device=device), allow], dim=2)
     ids = torch.cat([input_ids, torch.full((B, nb * k), -1, dtype=input_ids.dtype, device=device)], dim=1)
-    is_mask = torch.cat([torch.zeros(B, T, dtype=torch.bool, device=device),
-                         torch.ones(B, nb * k, dtype=torch.bool, device=device)], dim=1)
+    is_mask = torch.cat(
+        [torch.zeros(B, T, dtype=torch.bool, device=device), torch.ones(B, nb * k, dtype=torch.bool, device=device)],
+        dim=1,
+    )
     pos = torch.cat([reg_pos, mask_pos], dim=1)
     if cached:
         ids, is_mask, pos = ids[:, T:], is_mask[:, T:], pos[:, T:]
@@ -380,21 +467,25 @@ def mtp_layout(input_ids: torch.Tensor, valid: Optional[torch.Tensor], anchors: 
 
 # ---------------------------------------------------------------------------------------------------- decoding
 @torch.no_grad()
-def mtp_generate(mtp: MTPModel, input_ids: torch.Tensor, max_new_tokens: int, verification: str = "linear",
-                 eos_token_id=None) -> tuple[torch.Tensor, dict]:
-    """Greedy generation with speculative multi-token drafts, one prompt (``input_ids`` ``[1, P]``).
+def mtp_generate(
+    mtp: MTPModel, input_ids: torch.Tensor, max_new_tokens: int, verification: str = "linear", eos_token_id=None
+) -> tuple[torch.Tensor, dict]:
+    """Greedy generation with speculative multi-token drafts (https://arxiv.org/abs/2507.11851), one prompt
+    (``input_ids`` ``[1, P]``).
 
-    Each forward holds the token to verify from, the drafts and the masks; the base model's greedy prediction at
-    each regular position (gate off) verifies the next draft; the longest agreeing prefix plus the base model's own
-    next token is accepted, the KV cache is cut back to the accepted regular tokens. The output equals plain
-    greedy ``generate()`` up to floating-point differences between a chunked and a one-token forward (near-ties).
-    Returns the tokens ``[1, P + n]`` and stats (forwards, tokens per forward, acceptance)."""
+    Each forward holds the token to verify from, the drafts and the masks; the base model's greedy prediction at each
+    regular position (gate off) verifies the next draft; the longest agreeing prefix plus the base model's own next
+    token is accepted, the KV cache is cut back to the accepted regular tokens. The output equals plain greedy
+    ``generate()`` up to floating-point differences between a chunked and a one-token forward (near-ties). Returns the
+    tokens ``[1, P + n]`` and stats (forwards, tokens per forward, acceptance)."""
     from transformers import DynamicCache
 
     if verification not in VERIFICATIONS:
         raise ValueError(f"mtp_generate verification must be one of {list(VERIFICATIONS)}; got {verification!r}.")
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-        raise ValueError(f"mtp_generate decodes one prompt: input_ids must be [1, length]; got {list(input_ids.shape)}.")
+        raise ValueError(
+            f"mtp_generate decodes one prompt: input_ids must be [1, length]; got {list(input_ids.shape)}."
+        )
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"mtp_generate max_new_tokens must be an integer >= 1; got {max_new_tokens!r}.")
     eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
@@ -450,19 +541,26 @@ def mtp_generate(mtp: MTPModel, input_ids: torch.Tensor, max_new_tokens: int, ve
     finally:
         mtp.train(was_training)
     out = torch.cat([input_ids, torch.tensor([generated], dtype=input_ids.dtype, device=device)], dim=1)
-    stats = {"new_tokens": len(generated), "forwards": forwards, "tokens_per_forward": len(generated) / forwards,
-             "drafted": drafted, "accepted_drafts": accepted_drafts,
-             "acceptance_rate": accepted_drafts / drafted if drafted else 0.0, "prompt_tokens": P}
+    stats = {
+        "new_tokens": len(generated),
+        "forwards": forwards,
+        "tokens_per_forward": len(generated) / forwards,
+        "drafted": drafted,
+        "accepted_drafts": accepted_drafts,
+        "acceptance_rate": accepted_drafts / drafted if drafted else 0.0,
+        "prompt_tokens": P,
+    }
     return out, stats
 
 
 # ---------------------------------------------------------------------------------------------------- data, training
 def mtp_prompt(tokenizer, question: str) -> str:
-    """The prompt of a GSM question: the chat template when the tokenizer has one (SmolLM2-Instruct), else the
-    ``Question: ... Answer:`` format of ``peft-ext train``."""
+    """The prompt of a GSM question for MTP (https://arxiv.org/abs/2507.11851): the chat template when the tokenizer has
+    one (SmolLM2-Instruct), else the ``Question: ... Answer:`` format of ``peft-ext train``."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                             add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+        )
     from ..data.preference import gsm_prompt
 
     return gsm_prompt(question)
@@ -470,19 +568,22 @@ def mtp_prompt(tokenizer, question: str) -> str:
 
 @torch.no_grad()
 def self_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 8) -> list[tuple]:
-    """The model's own greedy continuations: ``(prompt ids, generated ids)`` per prompt, the generated ids cut after
-    the first EOS. With a gated-LoRA PeftModel and no gate input this is the base model."""
+    """The model's own greedy continuations, MTP's training data (https://arxiv.org/abs/2507.11851): ``(prompt ids,
+    generated ids)`` per prompt, the generated ids cut after the first EOS. With a gated-LoRA PeftModel and no gate
+    input this is the base model."""
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     was_training = model.training
     model.eval()
     out = []
     try:
         for start in range(0, len(prompts), batch_size):
-            enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True,
-                            add_special_tokens=False).to(model.device)
+            enc = tokenizer(
+                prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+            ).to(model.device)
             enc = {key: enc[key] for key in ("input_ids", "attention_mask")}  # BERT-style tokenizers add token_type_ids
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
+            gen = model.generate(
+                **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )
             width = enc["input_ids"].shape[1]
             for row in range(gen.shape[0]):
                 prompt = enc["input_ids"][row][enc["attention_mask"][row].bool()].tolist()
@@ -497,8 +598,8 @@ def self_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, bat
 
 
 def collate(pairs: list[tuple], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Left-pad the prompts and right-pad the continuations so every continuation starts at one column; returns
-    ``(input_ids, valid, gen_start)``."""
+    """MTP batches (https://arxiv.org/abs/2507.11851): left-pad the prompts and right-pad the continuations so every
+    continuation starts at one column; returns ``(input_ids, valid, gen_start)``."""
     width_p = max(len(p) for p, _ in pairs)
     width_g = max(len(g) for _, g in pairs)
     ids = torch.full((len(pairs), width_p + width_g), pad_id, dtype=torch.long)
@@ -510,11 +611,20 @@ def collate(pairs: list[tuple], pad_id: int) -> tuple[torch.Tensor, torch.Tensor
     return ids, valid, width_p
 
 
-def train_mtp(mtp: MTPModel, data: list[tuple], config: MTPConfig, pad_id: int, seed: int = 0,
-              progress: bool = False, on_step=None, max_seconds: Optional[float] = None) -> list[dict]:
-    """AdamW on the gated LoRA, the sampler and the mask row for ``config.steps`` steps over ``data`` (pairs from
-    ``self_generate``), batches drawn in a seeded order; returns one record of losses per step. ``max_seconds``
-    stops earlier once that much wall-clock time has passed (a time budget, for benchmarks)."""
+def train_mtp(
+    mtp: MTPModel,
+    data: list[tuple],
+    config: MTPConfig,
+    pad_id: int,
+    seed: int = 0,
+    progress: bool = False,
+    on_step=None,
+    max_seconds: Optional[float] = None,
+) -> list[dict]:
+    """MTP training (https://arxiv.org/abs/2507.11851): AdamW on the gated LoRA, the sampler and the mask row for
+    ``config.steps`` steps over ``data`` (pairs from ``self_generate``), batches drawn in a seeded order; returns one
+    record of losses per step. ``max_seconds`` stops earlier once that much wall-clock time has passed (a time budget,
+    for benchmarks)."""
     params = mtp.trainable_parameters()
     if not params:
         raise ValueError("train_mtp: nothing to train (the adapter, the sampler and the mask row are all frozen).")
@@ -552,7 +662,9 @@ def train_mtp(mtp: MTPModel, data: list[tuple], config: MTPConfig, pad_id: int, 
         history.append(record)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{terms.get('sampler_acc', terms.get('mtp_acc', 0)):.2f}")
+            bar.set_postfix(
+                loss=f"{record['loss']:.3f}", acc=f"{terms.get('sampler_acc', terms.get('mtp_acc', 0)):.2f}"
+            )
         if on_step is not None:
             on_step(record)
         if max_seconds is not None and time.perf_counter() - began > max_seconds:
@@ -564,11 +676,13 @@ def train_mtp(mtp: MTPModel, data: list[tuple], config: MTPConfig, pad_id: int, 
 
 
 @torch.no_grad()
-def measure_decoding(mtp: MTPModel, tokenizer, prompts: list[str], max_new_tokens: int,
-                     verification: str = "linear") -> dict:
-    """Plain greedy ``generate()`` vs ``mtp_generate`` on each prompt, one at a time, timed alternately: tokens per
-    forward, acceptance, identical outputs and the wall-clock speed-up (sum of plain times / sum of MTP times). Both
-    stop at the tokenizer's EOS (else the model's generation-config EOS)."""
+def measure_decoding(
+    mtp: MTPModel, tokenizer, prompts: list[str], max_new_tokens: int, verification: str = "linear"
+) -> dict:
+    """MTP decoding measurement (https://arxiv.org/abs/2507.11851): plain greedy ``generate()`` vs ``mtp_generate`` on
+    each prompt, one at a time, timed alternately: tokens per forward, acceptance, identical outputs and the wall-clock
+    speed-up (sum of plain times / sum of MTP times). Both stop at the tokenizer's EOS (else the model's
+    generation-config EOS)."""
     model = mtp.model
     model.eval()
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.generation_config.eos_token_id
@@ -576,8 +690,14 @@ def measure_decoding(mtp: MTPModel, tokenizer, prompts: list[str], max_new_token
     for text in prompts:
         ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(model.device)
         start = time.perf_counter()
-        plain = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                               do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
+        plain = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=eos,
+        )
         t_plain = time.perf_counter() - start
         start = time.perf_counter()
         out, stats = mtp_generate(mtp, ids, max_new_tokens, verification=verification, eos_token_id=eos)
@@ -601,7 +721,8 @@ def measure_decoding(mtp: MTPModel, tokenizer, prompts: list[str], max_new_token
 
 
 def mtp_config_from_recipe(recipe) -> MTPConfig:
-    """``MTPConfig`` from the recipe's ``trainer.args`` (unknown keys: a ValueError naming them and the allowed)."""
+    """``MTPConfig`` (https://arxiv.org/abs/2507.11851) from the recipe's ``trainer.args`` (unknown keys: a ValueError
+    naming them and the allowed)."""
     args = dict(getattr(recipe.trainer, "args", {}) or {})
     allowed = {f.name for f in fields(MTPConfig)}
     unknown = sorted(set(args) - allowed)
@@ -644,15 +765,20 @@ def _plot(history: list[dict], path: Path) -> Optional[Path]:
 def _mtp_folder_complete(folder: Path) -> bool:
     from .._io import safetensors_is_whole
 
-    return ((folder / "adapter_config.json").is_file() and safetensors_is_whole(folder / "adapter_model.safetensors")
-            and (folder / CONFIG_FILE).is_file() and safetensors_is_whole(folder / HEAD_FILE))
+    return (
+        (folder / "adapter_config.json").is_file()
+        and safetensors_is_whole(folder / "adapter_model.safetensors")
+        and (folder / CONFIG_FILE).is_file()
+        and safetensors_is_whole(folder / HEAD_FILE)
+    )
 
 
 def train_mtp_recipe(recipe, resume: bool = False, quiet: bool = False) -> dict:
-    """``peft-ext train`` for ``trainer: {name: mtp, args: {...MTPConfig...}}``: self-generated greedy data on the
-    recipe's GSM prompts, MTP training, the decoding measurement on held-out prompts; writes ``adapter/`` (adapter,
-    ``mtp_head.safetensors``, ``mtp_config.json``), ``metrics.json`` and ``results.png``, each atomically. With
-    ``resume`` and a complete ``adapter/``, training is skipped and only the measurement runs."""
+    """``peft-ext train`` for multi-token prediction (https://arxiv.org/abs/2507.11851), ``trainer: {name: mtp, args:
+    {...MTPConfig...}}``: self-generated greedy data on the recipe's GSM prompts, MTP training, the decoding measurement
+    on held-out prompts; writes ``adapter/`` (adapter, ``mtp_head.safetensors``, ``mtp_config.json``), ``metrics.json``
+    and ``results.png``, each atomically. With ``resume`` and a complete ``adapter/``, training is skipped and only the
+    measurement runs."""
     from peft import get_peft_model
 
     from .._io import atomic_write_json
@@ -660,11 +786,14 @@ def train_mtp_recipe(recipe, resume: bool = False, quiet: bool = False) -> dict:
     from ..runner import build_peft_config, load_raw_splits, load_tokenizer_and_model
 
     if recipe.method.name != "gated_lora":
-        raise ValueError(f"trainer 'mtp' needs method.name 'gated_lora' (the gate is the method); got "
-                         f"{recipe.method.name!r}.")
+        raise ValueError(
+            f"trainer 'mtp' needs method.name 'gated_lora' (the gate is the method); got {recipe.method.name!r}."
+        )
     if recipe.model.task != "causal_lm" or recipe.data.name != "gsm":
-        raise ValueError(f"trainer 'mtp' needs model.task 'causal_lm' and data.name 'gsm'; got {recipe.model.task!r} "
-                         f"with {recipe.data.name!r}.")
+        raise ValueError(
+            f"trainer 'mtp' needs model.task 'causal_lm' and data.name 'gsm'; got {recipe.model.task!r} "
+            f"with {recipe.data.name!r}."
+        )
     config = mtp_config_from_recipe(recipe)
     torch.manual_seed(recipe.seed)
     began = time.time()
@@ -695,8 +824,13 @@ def train_mtp_recipe(recipe, resume: bool = False, quiet: bool = False) -> dict:
         "seed": recipe.seed,
         "paper": "https://arxiv.org/abs/2507.11851",
         "mtp": asdict(config),
-        "budget": {"steps": config.steps, "batch_size": config.batch_size, "train_prompts": config.train_prompts,
-                   "gen_tokens": config.gen_tokens, "train_time_s": train_time},
+        "budget": {
+            "steps": config.steps,
+            "batch_size": config.batch_size,
+            "train_prompts": config.train_prompts,
+            "gen_tokens": config.gen_tokens,
+            "train_time_s": train_time,
+        },
         "final": history[-1] if history else None,
         "decoding": {k: v for k, v in decoding.items() if k != "per_prompt"},
         "per_prompt": decoding.get("per_prompt", []),
@@ -710,8 +844,10 @@ def train_mtp_recipe(recipe, resume: bool = False, quiet: bool = False) -> dict:
     if not quiet:
         d = metrics["decoding"]
         if d:
-            print(f"mtp — {recipe.name}: {d['tokens_per_forward']:.2f} tokens/forward, acceptance "
-                  f"{d['acceptance_rate']:.2f}, identical {d['identical']:.2f}, speed-up {d['speedup']:.2f}x "
-                  f"({d['verification']}, {d['prompts']} prompts)")
+            print(
+                f"mtp — {recipe.name}: {d['tokens_per_forward']:.2f} tokens/forward, acceptance "
+                f"{d['acceptance_rate']:.2f}, identical {d['identical']:.2f}, speed-up {d['speedup']:.2f}x "
+                f"({d['verification']}, {d['prompts']} prompts)"
+            )
         print(f"adapter: {folder}  metrics: {out / 'metrics.json'}")
     return metrics
