@@ -13,6 +13,10 @@ Example (``recipes/quickstart.yaml``)::
       config: {r: 8, lora_alpha: 16, target_modules: [query, value]}
     training: {num_train_epochs: 2, learning_rate: 0.002, per_device_train_batch_size: 16}
     evaluation: {ranks: all, baseline: true, plot: true}
+
+A ``trainer:`` section (``trainer: {name: mrdpo, rounds: 3, ...}`` or just ``trainer: mrdpo``) runs a TRL training
+recipe from ``peft_ext.trainers`` instead of the plain Trainer: sft, dpo, mrdpo, grpo or sft_grpo (causal LMs on gsm;
+``recipes/mrdpo_gsm.yaml``, ``recipes/gazal_gsm.yaml``).
 """
 
 from __future__ import annotations
