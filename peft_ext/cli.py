@@ -116,8 +116,12 @@ def cmd_train(args) -> int:
     from .runner import comparison_record, train
 
     recipe = load_recipe(args.recipe, args.overrides)
+    if recipe.trainer.name is not None:  # TRL recipes: sft | dpo | mrdpo | grpo | sft_grpo
+        from .trainers.run import train_recipe as run_recipe
+    else:
+        run_recipe = train
     try:
-        metrics = train(recipe, resume=args.resume, quiet=args.quiet)
+        metrics = run_recipe(recipe, resume=args.resume, quiet=args.quiet)
     except ValueError as exc:
         if args.result_json:
             atomic_write_json(args.result_json, comparison_record({"method": recipe.method.name, "name": recipe.name},
@@ -178,7 +182,8 @@ def cmd_compare(args) -> int:
 
 def comparison_table(records: dict) -> str:
     """Markdown table of comparison records: accuracy, loss, trainable parameters, time, tokens/s, memory, size."""
-    lines = ["| method | test accuracy | test loss | trainable params | train time s | tokens/s | peak memory MiB | checkpoint KiB |",
+    lines = ["| method | test accuracy | test loss | trainable params | train time s | tokens/s | peak memory MiB | "
+             "checkpoint KiB |",
              "|---|---|---|---|---|---|---|---|"]
     for method, rec in records.items():
         info = rec["train_info"]
@@ -242,7 +247,8 @@ def cmd_export(args) -> int:
     config = PeftConfig.from_pretrained(adapter)
     model = PeftModel.from_pretrained(_base_model_for(config), adapter)
     if not model.supports_lora_conversion():
-        raise UsageError(f"{adapter}: {config.peft_type} adapters cannot be expressed as a LoRA (see peft-ext methods).")
+        raise UsageError(
+            f"{adapter}: {config.peft_type} adapters cannot be expressed as a LoRA (see peft-ext methods).")
     rank = args.rank if args.rank is not None else getattr(config, "r", 8)
     rank = int(rank) if float(rank).is_integer() and rank >= 1 else float(rank)
     save_as_lora(args.out, model, rank=rank)
@@ -261,7 +267,8 @@ def _check_adapter_folder(adapter) -> None:
 
     adapter = Path(adapter)
     if not adapter.is_dir():
-        raise FileNotFoundError(f"--adapter {str(adapter)!r} is not a folder; pass the adapter folder written by train.")
+        raise FileNotFoundError(
+            f"--adapter {str(adapter)!r} is not a folder; pass the adapter folder written by train.")
     config = adapter / "adapter_config.json"
     if not config.is_file():
         raise FileNotFoundError(f"{adapter} has no adapter_config.json; pass the folder written by train.")

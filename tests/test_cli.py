@@ -25,7 +25,8 @@ def tiny_recipe(tmp_path, *overrides):
 
 def test_train_end_to_end_writes_adapter_card_metrics_plot(tmp_path, capsys):
     result = tmp_path / "run.json"
-    assert cli.main(["train", str(TINY), "--set", f"output_dir={tmp_path}", "--quiet", "--result-json", str(result)]) == 0
+    argv = ["train", str(TINY), "--set", f"output_dir={tmp_path}", "--quiet", "--result-json", str(result)]
+    assert cli.main(argv) == 0
     adapter = tmp_path / "adapter"
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["peft_type"] == "DYLORA" and config["r"] == 4
@@ -229,3 +230,13 @@ def test_prompt_aware_recipe_pools_over_the_question_only(tmp_path):
     metrics = train(recipe, quiet=True)
     assert metrics["peft_config"]["peft_type"] == "PROMPT_AWARE_LORA" and metrics["train_steps"] == 4
     assert all(0.0 <= row["accuracy"] <= 1.0 for row in metrics["results"])
+
+
+def test_trainer_recipes_run_through_the_command(tmp_path):
+    """`trainer:` recipes go to peft_ext.trainers.run: two mrDPO rounds, each recorded, and the final adapter written."""
+    out = tmp_path / "mrdpo"
+    assert cli.main(["train", str(ROOT / "recipes" / "tiny_mrdpo.yaml"), "--set", f"output_dir={out}", "--quiet"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["trainer"] == "mrdpo" and len(metrics["stages"]) == 2
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert sorted(p.name for p in (out / "rounds").glob("round-*")) == ["round-1", "round-2"]
