@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import re
 import sys
@@ -53,17 +54,28 @@ def _capabilities(spec) -> str:
     return ", ".join(caps)
 
 
+SUITE_COUNTS = ROOT / "docs" / "peft_generic_suite.json"
+
+
+def suite_counts() -> dict:
+    """Pass / skip counts of PEFT's generic suite per method, as tests/conftest.py checks them on every full run."""
+    return json.loads(SUITE_COUNTS.read_text(encoding="utf-8")) if SUITE_COUNTS.is_file() else {}
+
+
 def methods_table() -> str:
     """The README's methods table, one row per registered method."""
+    counts = suite_counts()
     lines = [
-        "| method | config | paper | official code | capabilities | what it is |",
-        "|---|---|---|---|---|---|",
+        "| method | config | paper | official code | capabilities | PEFT suite pass / skip | what it is |",
+        "|---|---|---|---|---|---|---|",
     ]
     for spec in peft_ext.list_methods():
         summary = spec.summary.replace("|", "\\|")
+        suite = "{} / {}".format(*counts[spec.name]) if spec.name in counts else "not run"
         lines.append(
             f"| [`{spec.name}`](docs/methods/{spec.name}.md) | `{spec.config_cls.__name__}` | "
-            f"[{spec.paper_title}]({spec.paper_url}) | {_code_link(spec.code_url)} | {_capabilities(spec)} | {summary} |"
+            f"[{spec.paper_title}]({spec.paper_url}) | {_code_link(spec.code_url)} | {_capabilities(spec)} | {suite} | "
+            f"{summary} |"
         )
     return "\n".join(lines)
 

@@ -105,3 +105,84 @@ def llama_inputs():
 def mlp_inputs():
     torch.manual_seed(123)
     return torch.randn(5, 64)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# PEFT's generic suite (tests/test_peft_generic.py): its pass / skip counts per method are published in the README's
+# methods table (docs/peft_generic_suite.json, rendered by scripts/gen_docs.py). When a session runs that whole module
+# (nothing deselected), the counts it saw must equal the published ones, or the session fails with the difference;
+# PEFT_EXT_WRITE_SUITE_COUNTS=1 writes the new counts instead (then rerun scripts/gen_docs.py).
+
+SUITE_MODULE = "test_peft_generic.py"
+SUITE_COUNTS = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "peft_generic_suite.json"
+)
+_suite = {"collected": 0, "deselected": 0, "seen": set(), "counts": {}}
+
+
+def _suite_method(nodeid: str):
+    """The registered method a generic-suite test belongs to (a word of its parameter id: the method's name, or its
+    config class for PEFT's tests parametrised over config classes), else None."""
+    import re
+
+    if SUITE_MODULE not in nodeid or "[" not in nodeid:
+        return None
+    names = {spec.name: spec.name for spec in METHODS} | {spec.config_cls.__name__: spec.name for spec in METHODS}
+    found = {names[w] for w in re.split(r"[ \-\[\]]", nodeid.split("[", 1)[1]) if w in names}
+    return found.pop() if len(found) == 1 else None
+
+
+def pytest_collection_modifyitems(config, items):
+    _suite["collected"] = sum(SUITE_MODULE in item.nodeid for item in items)
+
+
+def pytest_deselected(items):
+    _suite["deselected"] += sum(SUITE_MODULE in item.nodeid for item in items)
+
+
+def pytest_runtest_logreport(report):
+    method = _suite_method(report.nodeid)
+    if SUITE_MODULE in report.nodeid and report.when == "teardown":
+        _suite["seen"].add(report.nodeid)
+    if method is None:
+        return
+    counts = _suite["counts"].setdefault(method, {"passed": 0, "skipped": 0, "failed": 0})
+    if report.skipped:
+        counts["skipped"] += 1
+    elif report.failed:
+        counts["failed"] += 1
+    elif report.when == "call":
+        counts["passed"] += 1
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import json
+
+    complete = _suite["collected"] and len(_suite["seen"]) == _suite["collected"] and not _suite["deselected"]
+    if not complete or exitstatus != 0:
+        return
+    got = {name: [c["passed"], c["skipped"]] for name, c in sorted(_suite["counts"].items())}
+    if os.environ.get("PEFT_EXT_WRITE_SUITE_COUNTS") == "1":
+        from peft_ext._io import atomic_write_json
+
+        atomic_write_json(SUITE_COUNTS, got)
+        return
+    try:
+        with open(SUITE_COUNTS, encoding="utf-8") as f:
+            published = json.load(f)
+    except (OSError, ValueError):
+        published = None
+    if got != published:
+        session.config._peft_ext_suite_mismatch = (published, got)
+        session.exitstatus = 1
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    mismatch = getattr(config, "_peft_ext_suite_mismatch", None)
+    if mismatch:
+        published, got = mismatch
+        terminalreporter.write_line(
+            f"FAILED: PEFT generic suite pass/skip counts per method changed; published in {SUITE_COUNTS}: "
+            f"{published}; this run: {got}. Rerun with PEFT_EXT_WRITE_SUITE_COUNTS=1, then scripts/gen_docs.py.",
+            red=True,
+        )
