@@ -1,5 +1,5 @@
 # make run   — build .venv if missing, then run the main job (DyLoRA quick start)
-# make test  — build .venv if missing, then run the test suite (what CI runs)
+# make test  — build .venv if missing, then lint (ruff) and run the test suite (what CI runs)
 # make bench — build .venv if missing, then run the overhead benchmark against PEFT LoRA
 PYTHON ?= python3
 VENV := .venv
@@ -25,6 +25,7 @@ run: $(STAMP)
 	$(VENV)/bin/peft-ext train recipes/quickstart.yaml
 
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

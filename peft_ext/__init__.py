@@ -5,7 +5,7 @@ Importing this package registers every method with PEFT (``get_peft_model``, ``P
 saved adapters load in processes that never import ``peft_ext``. See ``list_methods()`` for the papers.
 """
 
-__version__ = "0.1.0"
+from .version import __version__ as __version__  # re-exported: peft_ext.__version__
 
 
 def _quiet_bitsandbytes_kernel_probe() -> None:

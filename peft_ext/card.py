@@ -44,12 +44,15 @@ LORA_METHOD = {
     "authors": "Hu, Edward J. and Shen, Yelong and Wallis, Phillip and Allen-Zhu, Zeyuan and Li, Yuanzhi and "
                "Wang, Shean and Wang, Lu and Chen, Weizhu",
 }
-PEFT_BIBTEX = """@misc{peft,
-  title        = {{PEFT}: State-of-the-art Parameter-Efficient Fine-Tuning methods},
-  author       = {Sourab Mangrulkar and Sylvain Gugger and Lysandre Debut and Younes Belkada and Sayak Paul and Benjamin Bossan},
-  howpublished = {\\url{https://github.com/huggingface/peft}},
-  year         = {2022}
-}"""
+PEFT_BIBTEX = (
+    "@misc{peft,\n"
+    "  title        = {{PEFT}: State-of-the-art Parameter-Efficient Fine-Tuning methods},\n"
+    "  author       = {Sourab Mangrulkar and Sylvain Gugger and Lysandre Debut and Younes Belkada and Sayak Paul and "
+    "Benjamin Bossan},\n"
+    "  howpublished = {\\url{https://github.com/huggingface/peft}},\n"
+    "  year         = {2022}\n"
+    "}"
+)
 
 # The data sets `peft-ext train` knows: title, Hub data set id where the same data is on the Hub, how it is split.
 DATASETS = {
@@ -112,7 +115,8 @@ def _no_local_path(value):
 
 
 def method_info(peft_type: str) -> dict:
-    """Name, paper, official code and summary of a peft type: a peft-ext method's spec, PEFT's LoRA, or just the name."""
+    """Name, paper, official code and summary of a peft type: a peft-ext method's spec, PEFT's LoRA, or just the
+    name."""
     from .patches import ext_spec
 
     spec = ext_spec(peft_type)
@@ -233,7 +237,8 @@ def bibtex(method: dict) -> str:
 def peft_ext_bibtex(version: str, year: int) -> str:
     """The BibTeX entry of peft-ext itself."""
     return (f"@software{{peft_ext,\n  title   = {{{{peft-ext}}: LoRA-family methods from recent papers as Hugging Face "
-            f"{{PEFT}} methods}},\n  version = {{{version}}},\n  year    = {{{year}}},\n  url     = {{{PEFT_EXT_URL}}}\n}}")
+            f"{{PEFT}} methods}},\n  version = {{{version}}},\n  year    = {{{year}}},\n"
+            f"  url     = {{{PEFT_EXT_URL}}}\n}}")
 
 
 def _fmt(value) -> str:
@@ -284,9 +289,13 @@ def metadata(facts: dict):
     if run.get("results") and pipeline_tag:
         task_name = TASK_NAMES.get(facts["task_type"], pipeline_tag)
         for row in run["results"]:
-            metric, value = ("accuracy", row["accuracy"]) if row.get("accuracy") is not None else ("loss", row["eval_loss"])
+            if row.get("accuracy") is not None:
+                metric, value = "accuracy", row["accuracy"]
+            else:
+                metric, value = "loss", row["eval_loss"]
             eval_results.append(EvalResult(
-                task_type=pipeline_tag, task_name=task_name.capitalize(), dataset_type=data.get("hub_id") or data.get("name", "unknown"),
+                task_type=pipeline_tag, task_name=task_name.capitalize(),
+                dataset_type=data.get("hub_id") or data.get("name", "unknown"),
                 dataset_name=data.get("title", "evaluation split"), dataset_split="test", metric_type=metric,
                 metric_value=round(float(value), 4), metric_name=f"{metric} ({_result_label(row)})"))
     return ModelCardData(
@@ -309,7 +318,8 @@ def _load_lines(facts: dict) -> list[str]:
         auto = AUTO_CLASSES[task]
         lines += [f"from peft import {auto}{comment}", f'model = {auto}.from_pretrained("{where}")']
     else:
-        auto = {"SEQ_CLS": "AutoModelForSequenceClassification", "CAUSAL_LM": "AutoModelForCausalLM"}.get(task, "AutoModel")
+        auto = {"SEQ_CLS": "AutoModelForSequenceClassification", "CAUSAL_LM": "AutoModelForCausalLM"}.get(
+            task, "AutoModel")
         extra = f", num_labels={num_labels}" if task == "SEQ_CLS" and num_labels else ""
         base_ref = f'"{base["id"]}"' if base["id"] else "base_model_folder"
         lines += [f"from transformers import {auto}", f"from peft import PeftModel{comment}",
@@ -378,7 +388,8 @@ def render_sections(facts: dict) -> list[str]:
     lines += ["", "## peft-ext", ""]
     ext = [f"`{a['peft_type']}`" for a in facts["adapters"] if method_info(a["peft_type"]).get("peft_ext")]
     if ext:
-        lines.append(f"The adapter's `peft_type` {', '.join(sorted(set(ext)))} is a method that [peft-ext]({PEFT_EXT_URL}) "
+        lines.append(f"The adapter's `peft_type` {', '.join(sorted(set(ext)))} is a method that "
+                     f"[peft-ext]({PEFT_EXT_URL}) "
                      "adds to PEFT. Installing peft-ext registers its methods whenever `peft` is imported (no "
                      "`import peft_ext` needed), so `PeftModel` / `AutoPeftModel*` load the adapter as usual; PEFT "
                      "without peft-ext cannot load it.")
@@ -389,7 +400,8 @@ def render_sections(facts: dict) -> list[str]:
     # data
     if data:
         lines += ["", "## Training data", ""]
-        hub = f" (on the Hub: [{data['hub_id']}](https://huggingface.co/datasets/{data['hub_id']}))" if data.get("hub_id") else ""
+        hub_url = f"https://huggingface.co/datasets/{data.get('hub_id')}"
+        hub = f" (on the Hub: [{data['hub_id']}]({hub_url}))" if data.get("hub_id") else ""
         lines.append(f"**{data['title']}**{hub}, loaded offline with peft-ext (`data.name: {data['name']}`). "
                      f"{data['description']}")
         if data.get("citation"):
@@ -421,15 +433,21 @@ def render_sections(facts: dict) -> list[str]:
         has_acc = any(r.get("accuracy") is not None for r in rows)
         gen = run.get("generate")
         acc_note = f" Accuracy: scored greedy generations on the first {gen} test rows." if gen else ""
-        lines += ["", "## Results", "", f"On the {data.get('eval_rows', 0):,} test rows of {data.get('title', 'the data')}"
-                  f"{' (the untrained row is the base model with the adapter disabled)' if run.get('baseline') else ''}."
+        baseline_note = ""
+        if run.get("baseline"):
+            baseline_note = " (the untrained row is the base model with the adapter disabled)"
+        lines += ["", "## Results", "",
+                  f"On the {data.get('eval_rows', 0):,} test rows of {data.get('title', 'the data')}{baseline_note}."
                   f"{acc_note}", ""]
         head = "| evaluated | eval loss |" + (" accuracy |" if has_acc else "")
         lines += [head, "|---|---|" + ("---|" if has_acc else "")]
         table = ([{"label": "untrained", **run["baseline"]}] if run.get("baseline") else []) + [
             {"label": _result_label(r), **r} for r in rows]
         for r in table:
-            acc = f" {r['accuracy']:.4f} |" if has_acc and r.get("accuracy") is not None else (" – |" if has_acc else "")
+            if has_acc:
+                acc = f" {r['accuracy']:.4f} |" if r.get("accuracy") is not None else " – |"
+            else:
+                acc = ""
             lines.append(f"| {r['label']} | {r['eval_loss']:.4f} |{acc}")
         if any(r.get("rank") is not None for r in rows):
             lines += ["", "Evaluate at rank b with `model.set_rank(b)` (DyLoRA trains every rank 1..r at once)."]
@@ -513,7 +531,8 @@ def write_model_card(model, output_dir, run: Optional[dict] = None, update: Opti
         body = card.text
         if BLOCK_BEGIN in body and BLOCK_END in body:
             body = body[: body.index(BLOCK_BEGIN)] + body[body.index(BLOCK_END) + len(BLOCK_END):]
-        block = "\n".join([BLOCK_BEGIN, "", "## Adapter", ""] + render_sections(facts) + ["", _facts_comment(facts), BLOCK_END])
+        block = "\n".join(
+            [BLOCK_BEGIN, "", "## Adapter", ""] + render_sections(facts) + ["", _facts_comment(facts), BLOCK_END])
         text = f"---\n{card.data.to_yaml()}\n---\n{body.rstrip()}\n\n{block}\n"
     atomic_write_text(path, text)
     return text

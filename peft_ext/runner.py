@@ -364,7 +364,8 @@ def _last_complete_checkpoint(folder) -> Optional[str]:
     for _, d in sorted(found, reverse=True):
         if _checkpoint_complete(d):
             return str(d)
-        print(f"warning: --resume skips incomplete checkpoint {d} (half-written: missing or truncated files)", file=sys.stderr)
+        print(f"warning: --resume skips incomplete checkpoint {d} (half-written: missing or truncated files)",
+              file=sys.stderr)
     return None
 
 
@@ -390,7 +391,8 @@ def train(recipe: Recipe, resume: bool = False, quiet: bool = False, extra_callb
     if resume:
         checkpoint = _last_complete_checkpoint(args.output_dir)
         if checkpoint is None:
-            raise FileNotFoundError(f"--resume: no complete checkpoint in {args.output_dir}; train without --resume first.")
+            raise FileNotFoundError(
+                f"--resume: no complete checkpoint in {args.output_dir}; train without --resume first.")
     # read before training: save_total_limit may rotate the resumed checkpoint away during the run
     tokens_before = _checkpoint_tokens(checkpoint) if checkpoint else 0
     trainer = Trainer(
@@ -429,7 +431,8 @@ def train(recipe: Recipe, resume: bool = False, quiet: bool = False, extra_callb
         "name": recipe.name,
         "method": recipe.method.name,
         "baseline": None if baseline is None else {
-            "eval_loss": baseline["eval_loss"], **({"accuracy": baseline["eval_accuracy"]} if "eval_accuracy" in baseline else {})
+            "eval_loss": baseline["eval_loss"],
+            **({"accuracy": baseline["eval_accuracy"]} if "eval_accuracy" in baseline else {}),
         },
         "results": rows,
         "train_loss": result.training_loss,
@@ -549,7 +552,8 @@ def save_adapter(model, tokenizer, adapter_dir, card_run: Optional[dict] = None,
 
 TINY_MODELS = {
     "tiny-bert": "a randomly initialised 2-layer BERT (hidden size 64) that peft-ext builds from its config for tests",
-    "tiny-llama": "a randomly initialised 2-layer Llama (hidden size 64) that peft-ext builds from its config for tests",
+    "tiny-llama": "a randomly initialised 2-layer Llama (hidden size 64) that peft-ext builds from its config for "
+                  "tests",
 }
 
 
@@ -571,7 +575,8 @@ def card_run_facts(recipe: Recipe, args, n_train: int, n_eval: int, rows: list, 
             continue
         training[key] = value
     base = None if baseline is None else {
-        "eval_loss": baseline["eval_loss"], **({"accuracy": baseline["eval_accuracy"]} if "eval_accuracy" in baseline else {})
+        "eval_loss": baseline["eval_loss"],
+        **({"accuracy": baseline["eval_accuracy"]} if "eval_accuracy" in baseline else {}),
     }
     return {
         "name": recipe.name,

@@ -51,7 +51,8 @@ class MethodSpec:
                   "'embedding', 'conv1d' (transformers' Conv1D), 'conv2d'. Targeting another type is an error "
                   "naming the method; PEFT's generic suite runs its embedding / conv cases only for the types listed."},
     )
-    routed: bool = field(default=False, metadata={"help": "Routes tokens (a learned router or per-call inputs such as route ids); not one static ΔW."})
+    routed: bool = field(default=False, metadata={
+        "help": "Routes tokens (a learned router or per-call inputs such as route ids); not one static ΔW."})
     sparse_routing: bool = field(
         default=False,
         metadata={"help": "Top-k routing: the experts (or ranks) and router rows that no token of a batch selects get "

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import ModelCard
-from peft import AutoPeftModelForSequenceClassification, LoraConfig, PeftConfig, PeftModel, get_peft_model
+from peft import AutoPeftModelForSequenceClassification, PeftConfig, PeftModel, get_peft_model
 
 import peft_ext
 from peft_ext import cli
@@ -79,7 +79,8 @@ def test_the_cards_loading_lines_work(minilm_run):
     auto = AutoPeftModelForSequenceClassification.from_pretrained(str(adapter)).eval()
     from transformers import AutoModelForSequenceClassification
 
-    by_hand = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(minilm_path()), adapter).eval()
+    base = AutoModelForSequenceClassification.from_pretrained(minilm_path())
+    by_hand = PeftModel.from_pretrained(base, adapter).eval()
     ids = torch.tensor([[101, 1996, 3185, 2001, 2307, 102]])
     with torch.no_grad():
         torch.testing.assert_close(auto(input_ids=ids).logits, by_hand(input_ids=ids).logits, rtol=0, atol=0)
@@ -133,7 +134,8 @@ def test_push_refuses_a_local_base_without_hub_id(tmp_path, capsys):
     assert PeftConfig.from_pretrained(tmp_path / "o").base_model_name_or_path == "owner/tiny-llama"
     assert ModelCard.load(tmp_path / "o" / "README.md").data.base_model == "owner/tiny-llama"
     assert cli.main(args + ["not a hub id"]) == 2 and "--base-model must be a Hub model id" in capsys.readouterr().err
-    assert cli.main(["push", str(tmp_path / "a"), "someone/x", "--out", str(tmp_path / "o")]) == 2  # --out needs --dry-run
+    # --out needs --dry-run
+    assert cli.main(["push", str(tmp_path / "a"), "someone/x", "--out", str(tmp_path / "o")]) == 2
 
 
 def test_save_pretrained_card_of_a_peft_ext_adapter(tmp_path):
@@ -186,7 +188,8 @@ def test_hub_identity_of_offline_models(tmp_path):
     rebuilt = tmp_path / "smollm2"
     rebuilt.mkdir()
     (rebuilt / "peft_ext_source.json").write_text(json.dumps({"model": SMOLLM2_IDENTITY.repo_id}))
-    assert hub_identity(rebuilt) == SMOLLM2_IDENTITY and "ab810cf68114990406fdf996510dd3d3c6adbdf5" in SMOLLM2_IDENTITY.source
+    assert hub_identity(rebuilt) == SMOLLM2_IDENTITY
+    assert "ab810cf68114990406fdf996510dd3d3c6adbdf5" in SMOLLM2_IDENTITY.source
     assert hub_identity("owner/some-model").repo_id == "owner/some-model"
     assert hub_identity(tmp_path) is None and hub_identity("") is None and hub_identity(None) is None
     assert re.fullmatch(r"[0-9a-f]{64}", MINILM_IDENTITY.source.split("sha256 ")[1][:64])

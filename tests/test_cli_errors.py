@@ -60,14 +60,16 @@ def test_broken_adapter_files_are_one_line(tmp_path, capsys, damage, names):
         w.write_bytes(w.read_bytes()[: w.stat().st_size - 100])
     else:
         (adapter / "adapter_config.json").write_text('{"peft_type": ')
-    for argv in (["eval", str(TINY), "--adapter", str(adapter)], ["export", str(adapter), "--out", str(tmp_path / "o")]):
+    for argv in (["eval", str(TINY), "--adapter", str(adapter)],
+                 ["export", str(adapter), "--out", str(tmp_path / "o")]):
         assert cli.main(argv) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and names in err and "Traceback" not in err, err
 
 
 def test_bitsandbytes_kernel_probe_warning_is_silenced():
-    """bitsandbytes logs a failed optional-kernel download at import on AVX512-BF16 CPUs; only that record is dropped."""
+    """bitsandbytes logs a failed optional-kernel download at import on AVX512-BF16 CPUs; only that record is
+    dropped."""
     import io
     import logging
 

@@ -1,5 +1,6 @@
-"""The conformance suite: every registered peft-ext method keeps every promise of ../shared/DESIGN.md
-("What every tuner promises"). Parametrised over ``peft_ext.list_methods()``; a new method is covered by registering it.
+"""The conformance suite: every registered peft-ext method keeps every promise a peft-ext tuner makes (get_peft_model,
+forward/backward, identity at init, save/load in a fresh process, merging, several adapters, quantized bases, TRL's
+naming, LoRA export). Parametrised over ``peft_ext.list_methods()``; a new method is covered by registering it.
 """
 
 from __future__ import annotations
@@ -261,7 +262,8 @@ def quantization_bound(target: torch.Tensor, layer, bits: int) -> torch.Tensor:
     """Largest rounding error the quantizer may make on ``target``, elementwise.
 
     8-bit: row-wise absmax scaling to int8; rounding costs half a step (absmax_row / 254) and bitsandbytes casts the
-    weight and its scale to fp16 on the way (relative 2**-11 each), so |error| <= one step, absmax_row / 127. 4-bit NF4: block-wise absmax over the
+    weight and its scale to fp16 on the way (relative 2**-11 each), so |error| <= one step, absmax_row / 127. 4-bit
+    NF4: block-wise absmax over the
     flattened weight; the widest gap between neighbouring NF4 levels is 0.3038 (between -1 and -0.6962), so
     |error| <= 0.152 * absmax_block. A 1% margin and 1e-6 absolute cover float rounding.
     """

@@ -163,7 +163,8 @@ def test_sampler_with_trainer_samples_every_optimizer_step(tmp_path):
     model = get_peft_model(tiny_llama(), DyLoraConfig(r=R, target_modules=["q_proj", "v_proj"]))
     seen = []
     layer = dylora_layers(model)[0]
-    layer.register_forward_pre_hook(lambda mod, args: seen.append(mod.current_rank("default")) if mod.training else None)
+    layer.register_forward_pre_hook(
+        lambda mod, args: seen.append(mod.current_rank("default")) if mod.training else None)
     torch.manual_seed(0)
     data = Dataset.from_dict({"input_ids": torch.randint(0, 128, (16, 8)).tolist()})
     data = data.map(lambda row: {"labels": row["input_ids"]})

@@ -69,7 +69,8 @@ def test_gate_zero_is_bit_identical_to_base_even_with_non_finite_branch(mlp_inpu
 def test_gate_one_is_the_plain_lora_formula(mlp_inputs):
     model, layer = mlp_model(branches=["default"])
     on = torch.zeros(mlp_inputs.shape[0], dtype=torch.long)
-    torch.testing.assert_close(layer_out(model, layer, mlp_inputs, route_ids=on), branch_out(layer, mlp_inputs, 0), **TOL)
+    torch.testing.assert_close(
+        layer_out(model, layer, mlp_inputs, route_ids=on), branch_out(layer, mlp_inputs, 0), **TOL)
     gated = layer_out(model, layer, mlp_inputs, gate=torch.ones(mlp_inputs.shape[0], dtype=torch.bool))
     torch.testing.assert_close(gated, branch_out(layer, mlp_inputs, 0), **TOL)
 
@@ -151,7 +152,8 @@ def test_route_input_errors_name_the_argument_through_peft_model(llama_inputs):
     with pytest.raises(ValueError, match="gate= switches on the default_route"):
         model(llama_inputs, gate=torch.ones(2, 12, dtype=torch.bool))
     with pytest.raises(ValueError, match="only one of"):
-        model(llama_inputs, route_ids=torch.zeros(2, 12, dtype=torch.long), modality=torch.ones(2, 12, dtype=torch.bool))
+        model(llama_inputs, route_ids=torch.zeros(2, 12, dtype=torch.long),
+              modality=torch.ones(2, 12, dtype=torch.bool))
 
 
 def test_token_routes_through_a_llama(llama_inputs):

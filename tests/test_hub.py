@@ -30,7 +30,8 @@ def test_push_uploads_adapter_and_card(spec):
     api.upload_folder.side_effect = upload_folder
     base = "hf-internal-testing/tiny-random-LlamaForCausalLM"  # the random tiny Llama has no Hub id of its own
     assert peft_ext.push_to_hub(model, "someone/my-adapter", base_model=base, api=api, private=True) == "commit-info"
-    api.create_repo.assert_called_once_with(repo_id="someone/my-adapter", private=True, exist_ok=True, repo_type="model")
+    api.create_repo.assert_called_once_with(
+        repo_id="someone/my-adapter", private=True, exist_ok=True, repo_type="model")
     assert set(uploaded) == {"adapter_config.json", "adapter_model.safetensors", "README.md"}
     card = ModelCard(uploaded["README.md"].decode())
     assert card.data.base_model == base and card.data.library_name == "peft"

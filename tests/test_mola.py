@@ -243,9 +243,10 @@ def test_depth_pattern_and_per_layer_lists_set_the_experts_of_each_layer():
         assert layer.mola_experts_up["default"].weight.shape == (layer.out_features, E * 2)
     per_layer = [1, 2, 3, 4, 5, 6, 7, 8]
     top_k = "1,2"
-    model = get_peft_model(deep_llama(8), MolaConfig(r=2, num_experts=per_layer, top_k=top_k, target_modules=["v_proj"]))
+    config = MolaConfig(r=2, num_experts=per_layer, top_k=top_k, target_modules=["v_proj"])
+    model = get_peft_model(deep_llama(8), config)
     assert experts_per_layer(model) == dict(enumerate(per_layer))
-    assert {l.layer_index["default"]: l.top_k["default"] for l in mola_layers(model)} == {
+    assert {layer.layer_index["default"]: layer.top_k["default"] for layer in mola_layers(model)} == {
         0: 1, 1: 1, 2: 1, 3: 1, 4: 2, 5: 2, 6: 2, 7: 2}
     # 5 layers, 4 groups: layer i gets pattern[i * 4 // 5]
     model = get_peft_model(deep_llama(5), MolaConfig(r=2, num_experts="2,4,6,8", top_k=1, target_modules=["q_proj"]))

@@ -48,12 +48,14 @@ def test_factors_equal_the_papers_linear_combination():
     assert seed == layer_seed(0, "lin0")
     alpha = layer.nola_coef_A["default"].weight
     beta = layer.nola_coef_B["default"].weight
-    A_expected = a0_matrix(seed, R, 64) + sum(alpha[i] * all_bases(seed, STREAM_A, K_A, (R, 64), 16)[i] for i in range(K_A))
+    bases_A = all_bases(seed, STREAM_A, K_A, (R, 64), 16)
+    A_expected = a0_matrix(seed, R, 64) + sum(alpha[i] * bases_A[i] for i in range(K_A))
     B_expected = sum(beta[j] * all_bases(seed, STREAM_B, K_B, (64, R), 16)[j] for j in range(K_B))
     A, B = layer.factors("default")
     torch.testing.assert_close(A, A_expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(B, B_expected, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(layer.get_delta_weight("default"), (8 / R) * B_expected @ A_expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        layer.get_delta_weight("default"), (8 / R) * B_expected @ A_expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("cache_bases", [True, False])

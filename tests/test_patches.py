@@ -12,7 +12,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 from peft import LoraConfig, PeftModel, RandLoraConfig, get_peft_model
 
 import peft_ext
@@ -33,7 +32,8 @@ def _resolve(key: str):
 
 @pytest.mark.parametrize("key", sorted(patches.PATCHED))
 def test_patched_originals_keep_the_pinned_signature(key):
-    """The wrappers pass arguments through by the pinned signature; a PEFT release that changes it must be re-checked."""
+    """The wrappers pass arguments through by the pinned signature; a PEFT release that changes it must be
+    re-checked."""
     original = patches.ORIGINALS[key]
     assert patches.signature_text(original) == patches.PATCHED[key], (
         f"PEFT changed the signature of {key}; check the wrapper in peft_ext/patches.py, then record the new one."
@@ -141,8 +141,9 @@ def test_importing_peft_ext_changes_only_what_patches_documents(fresh_process):
                      "peft.tuners.randlora.model:RandLoraModel.inject_adapter"}
     for m in methods:
         allowed_added |= {f"PeftType.{m}", f"peft.utils.peft_types:PeftType.{m}"}
-        allowed_added |= {f"{table}[{m}]" for table in ("PEFT_TYPE_TO_CONFIG_MAPPING", "PEFT_TYPE_TO_PREFIX_MAPPING",
-                                                        "PEFT_TYPE_TO_TUNER_MAPPING", "PEFT_TYPE_TO_MIXED_MODEL_MAPPING")}
+        tables = ("PEFT_TYPE_TO_CONFIG_MAPPING", "PEFT_TYPE_TO_PREFIX_MAPPING", "PEFT_TYPE_TO_TUNER_MAPPING",
+                  "PEFT_TYPE_TO_MIXED_MODEL_MAPPING")
+        allowed_added |= {f"{table}[{m}]" for table in tables}
     unexpected = added - allowed_added
     assert not unexpected, f"undocumented addition(s) to PEFT: {sorted(unexpected)}"
     assert {f"PeftType.{m}" for m in methods} <= added

@@ -10,7 +10,12 @@ import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from conftest import randomize_adapter, rel_err, tiny_llama
-from peft_ext.tuners.prompt_aware_lora import PromptAwareLoraConfig, PromptAwareLoraLayer, prompt_aware_lora_layers, set_stage
+from peft_ext.tuners.prompt_aware_lora import (
+    PromptAwareLoraConfig,
+    PromptAwareLoraLayer,
+    prompt_aware_lora_layers,
+    set_stage,
+)
 
 TARGETS = ["q_proj", "v_proj"]
 TOL = dict(rtol=1e-5, atol=1e-6)  # fp32, small widths
@@ -44,7 +49,8 @@ def oracle_pooled(model, ids, mask):
     out = []
     for b in range(ids.shape[0]):
         seen = {}
-        handle = base.model.layers[-1].register_forward_hook(lambda m, a, o: seen.setdefault("h", o[0] if isinstance(o, tuple) else o))
+        handle = base.model.layers[-1].register_forward_hook(
+            lambda m, a, o: seen.setdefault("h", o[0] if isinstance(o, tuple) else o))
         with torch.no_grad():
             base(ids[b][mask[b]].unsqueeze(0))
         handle.remove()
@@ -71,7 +77,8 @@ def test_fixed_scale_equals_plain_lora(llama_inputs):
 
 def test_init_scale_starts_at_alpha_over_r(llama_inputs):
     """init_scale=True: c = α/r for every prompt, so a stage switch does not move the output."""
-    model = get_peft_model(tiny_llama(), PromptAwareLoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_scale=True))
+    config = PromptAwareLoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_scale=True)
+    model = get_peft_model(tiny_llama(), config)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -99,7 +99,8 @@ def _run(code: str) -> str:
 
 
 def test_autoload_registers_when_peft_is_imported():
-    assert _run("import sys, peft; from peft.utils import PeftType; print('peft_ext' in sys.modules, PeftType.DYLORA)") == (
+    code = "import sys, peft; from peft.utils import PeftType; print('peft_ext' in sys.modules, PeftType.DYLORA)"
+    assert _run(code) == (
         "True PeftType.DYLORA"
     )
 

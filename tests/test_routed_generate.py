@@ -14,7 +14,7 @@ from peft import get_peft_model
 
 from conftest import randomize_adapter, tiny_llama
 from peft_ext.tuners.gated_lora import GatedLoraConfig, GatedLoraLayer
-from peft_ext.tuners.lora_mixer import LoraMixerConfig, LoraMixerLayer
+from peft_ext.tuners.lora_mixer import LoraMixerConfig
 
 NEW = 4  # generated tokens
 # fp32 logits of the cached generate vs the uncached oracle: same weights, attention over the same keys in another

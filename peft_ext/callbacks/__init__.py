@@ -1,30 +1,21 @@
 """Trainer callbacks that drive method schedules; each also has a plain ``step()`` for hand-written loops.
 
-The classes load on first access (``peft_ext.callbacks.LisaCallback``): a method folder imports its own callback
-module for its ``MethodSpec``, and the callback modules import their method folders, so importing all of them here
-eagerly would be circular.
+``LisaCallback`` is method-agnostic and lives here; the others serve one tuner each and live in its folder
+(``peft_ext/tuners/<method>/callback.py``), re-exported here so every callback imports from one place.
 """
 
-import importlib
+from ..tuners.codyra.callback import CoDyRAThresholdCallback, CodyraThresholdCallback
+from ..tuners.dylora.callback import DyLoraRankSampler
+from ..tuners.smora.callback import SmoraBiasCallback
+from ..tuners.switchlora.callback import SwitchLoraCallback
+from .lisa import LisaCallback, lisa_parameters
 
-_MODULES = {
-    "CodyraThresholdCallback": "codyra",
-    "CoDyRAThresholdCallback": "codyra",  # the name METHODS.md §5.4 uses; an alias of CodyraThresholdCallback
-    "DyLoraRankSampler": "dylora",
-    "LisaCallback": "lisa",
-    "SmoraBiasCallback": "smora",
-    "SwitchLoraCallback": "switchlora",
-    "lisa_parameters": "lisa",  # the parameters a LisaCallback can switch on, for a hand-built optimizer
-}
-
-__all__ = sorted(_MODULES)
-
-
-def __getattr__(name: str):
-    if name not in _MODULES:
-        raise AttributeError(f"module 'peft_ext.callbacks' has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_MODULES[name]}", __name__), name)
-
-
-def __dir__():
-    return sorted(list(globals()) + __all__)
+__all__ = [
+    "CoDyRAThresholdCallback",  # the name METHODS.md §5.4 uses; an alias of CodyraThresholdCallback
+    "CodyraThresholdCallback",
+    "DyLoraRankSampler",
+    "LisaCallback",
+    "SmoraBiasCallback",
+    "SwitchLoraCallback",
+    "lisa_parameters",  # the parameters a LisaCallback can switch on, for a hand-built optimizer
+]

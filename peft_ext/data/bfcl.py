@@ -75,7 +75,9 @@ def bfcl_data_dir() -> Path:
     """
     return package_path(
         _BFCL_MODULE, BFCL_PACKAGE, "data",
-        lambda folder: (folder / f"{VERSION_PREFIX}_simple_python.json").is_file() and (folder / "possible_answer").is_dir(),
+        lambda folder: (
+            (folder / f"{VERSION_PREFIX}_simple_python.json").is_file() and (folder / "possible_answer").is_dir()
+        ),
         f"data/{VERSION_PREFIX}_*.json files",
     )
 

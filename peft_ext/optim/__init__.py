@@ -10,7 +10,7 @@
 
 from .allora import ALLoRA, allora_lora_config, create_allora_optimizer
 from .lorapro import LoraProAdamW, create_lorapro_optimizer
-from .switchlora import SwitchLoraAdamW, create_switchlora_optimizer
+from ..tuners.switchlora.optim import SwitchLoraAdamW, create_switchlora_optimizer
 
 __all__ = [
     "ALLoRA",

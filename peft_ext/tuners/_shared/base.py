@@ -20,7 +20,7 @@ from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, PeftType, resolve_quantization_backend
 
-from ... import __version__
+from ...version import __version__
 from .routing import TokenRoutes, current_tokens
 
 
@@ -28,8 +28,7 @@ def bad_value(config: Any, name: str, value: Any, allowed: str) -> ValueError:
     """A ValueError that names the config class, the field, the value given and what is allowed.
 
     Used by every peft-ext method's config; see ``peft_ext.list_methods()`` for each paper and its official code. Built
-    on PEFT, https://github.com/huggingface/peft.
-    """
+    on PEFT, https://github.com/huggingface/peft."""
     owner = type(config).__name__ if not isinstance(config, str) else config
     return ValueError(f"{owner}.{name} must be {allowed}; got {value!r}.")
 
@@ -41,8 +40,7 @@ class ExtConfig(PeftConfig):
     Not a method itself: see the subclasses (``DyLoraConfig``, ``NolaConfig``, ...) for the paper and official code.
 
     The tuner base of every peft-ext method; see ``peft_ext.list_methods()`` for each paper and its official code. Built
-    on PEFT, https://github.com/huggingface/peft.
-    """
+    on PEFT, https://github.com/huggingface/peft."""
 
     method_name: ClassVar[str] = ""
 
@@ -86,7 +84,8 @@ class ExtConfig(PeftConfig):
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise bad_value(self, "layers_to_transform", self.layers_to_transform, "None when target_modules is a regex")
+            raise bad_value(self, "layers_to_transform", self.layers_to_transform,
+                            "None when target_modules is a regex")
         if self.layers_pattern and self.layers_to_transform is None:
             raise bad_value(self, "layers_to_transform", None, "set when layers_pattern is set")
         self.check_bool("init_weights")
@@ -125,9 +124,8 @@ class ExtConfig(PeftConfig):
 
 def in_autograd_backward() -> bool:
     """Whether autograd's engine is running a backward pass on this thread, e.g. activation checkpointing's
-    recomputation of a forward. Used by the auxiliary-loss recording of every routed peft-ext tuner (MoLA
-    https://arxiv.org/abs/2402.08562, code https://github.com/GCYZSL/MoLA; LoRA-Mixer https://arxiv.org/abs/2507.00029;
-    gated LoRA / TARA https://arxiv.org/abs/2508.08812). Built on PEFT, https://github.com/huggingface/peft."""
+    recomputation of a forward. Used by the auxiliary-loss recording of every routed peft-ext tuner (MoLA, LoRA-Mixer,
+    gated LoRA / TARA)."""
     return torch._C._current_graph_task_id() != -1
 
 
@@ -156,8 +154,7 @@ def _unpack_cpu_4bit(base_layer: nn.Module) -> None:
     """Turn off bitsandbytes' in-place AVX512-BF16 repacking of 4-bit weights on CPU, and undo one already done.
 
     bitsandbytes >= 0.50 repacks ``Linear4bit`` weights on the first no-grad CPU forward when the CPU has AVX512-BF16;
-    afterwards gradients stop flowing through the layer and ``dequantize_4bit`` returns wrong weights.
-    """
+    afterwards gradients stop flowing through the layer and ``dequantize_4bit`` returns wrong weights."""
     if not hasattr(base_layer, "support_avx512bf16_for_cpu"):
         return
     base_layer.support_avx512bf16_for_cpu = False
@@ -178,8 +175,7 @@ class ExtLayer(BaseTunerLayer):
     ``get_base_weight`` / ``set_base_weight`` so bitsandbytes 4-bit and 8-bit bases work.
 
     The tuner base of every peft-ext method; see ``peft_ext.list_methods()`` for each paper and its official code. Built
-    on PEFT, https://github.com/huggingface/peft.
-    """
+    on PEFT, https://github.com/huggingface/peft."""
 
     mergeable: ClassVar[bool] = True
     merge_refusal: ClassVar[str] = ""  # why merging is impossible, for layers with mergeable = False
@@ -278,11 +274,16 @@ class ExtLayer(BaseTunerLayer):
         if self.quantization_backend is not None:
             result = self.quantization_backend.maybe_clone_base_result(result)
         for adapter in self.active_adapters:
-            if not self._has_adapter(adapter):
-                continue
-            x_in = self._cast_input_dtype(x, self.adapter_dtype(adapter))
-            result = result + self.adapter_forward(adapter, x_in).to(result.dtype)
+            if self._has_adapter(adapter):
+                result = self.add_adapter_output(adapter, x, result)
         return result.to(previous_dtype)
+
+    def add_adapter_output(self, adapter: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """The layer output after ``adapter`` is applied to input ``x`` on top of ``result`` (the base output plus the
+        adapters before it): ``result + adapter_forward(x)``. The one hook a layer overrides when its adapter is
+        gated or routed per token instead of added everywhere; ``forward`` handles disabled / merged / dtypes."""
+        x_in = self._cast_input_dtype(x, self.adapter_dtype(adapter))
+        return result + self.adapter_forward(adapter, x_in).to(result.dtype)
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return self.mergeable
@@ -296,8 +297,7 @@ class ExtModel(BaseTuner):
     override ``_layer_kwargs``.
 
     The tuner base of every peft-ext method; see ``peft_ext.list_methods()`` for each paper and its official code. Built
-    on PEFT, https://github.com/huggingface/peft.
-    """
+    on PEFT, https://github.com/huggingface/peft."""
 
     layer_cls: ClassVar[type]
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
@@ -317,8 +317,7 @@ class ExtModel(BaseTuner):
         ranges; the layers check shapes only, without reading values) and moved to the model's device. Per-token
         inputs (``token_inputs``) are fitted to each forward inside the call by ``TokenRoutes``, so ``generate`` works
         with them. Inputs stay on the layers until the next call, so gradient checkpointing recomputes with the same
-        ones.
-        """
+        ones."""
         if not self.call_args and not self.has_aux_loss:
             yield
             return
@@ -366,8 +365,7 @@ class ExtModel(BaseTuner):
         all micro-batches of the step, over all processes), the model's loss is a sum over its tokens divided by that
         count, and the Trainer multiplies the loss by the number of processes. An auxiliary loss added unweighted would
         then count once per micro-batch and per process; weighted by this share it enters each optimizer step as the
-        token-weighted average over the step's micro-batches, exactly as without accumulation on one process.
-        """
+        token-weighted average over the step's micro-batches, exactly as without accumulation on one process."""
         total = kwargs.get("num_items_in_batch")
         labels = kwargs.get("labels")
         if total is None or labels is None or not torch.is_tensor(labels):

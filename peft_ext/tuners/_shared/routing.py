@@ -27,11 +27,7 @@ def route_value(name: str, value, *, kind: str, per_sample_ok: bool = False) -> 
     ``name`` otherwise. Shapes are checked per layer by ``check_route_shape``; value ranges are method-specific and
     checked by the tuner model's hook (``ExtModel._check_call_inputs``).
 
-    Used by LoRA-Mixer (https://arxiv.org/abs/2507.00029, code https://github.com/hustcselwb/LoRA-Mixer), gated LoRA
-    (https://arxiv.org/abs/2507.11851, no public code), O3 (https://arxiv.org/abs/2407.10223, code
-    https://github.com/GCYZSL/O3-LLM-UNLEARNING) and prompt-aware LoRA (https://arxiv.org/abs/2404.00656, code
-    https://github.com/microsoft/SpeechT5).
-    """
+    Used by LoRA-Mixer, gated LoRA, O3 and prompt-aware LoRA."""
     if value is None:
         return None
     if not isinstance(value, torch.Tensor):
@@ -67,10 +63,7 @@ def check_route_shape(
 
     The value must have ``x``'s leading shape (one entry per token), or with ``per_sample_ok`` one entry per sample
     (shape ``[batch]``) or a 0-d scalar. Returns it on ``x``'s device, broadcastable to ``x.shape[:-1]``; raises a
-    ValueError naming ``name`` otherwise. Used by the layers of LoRA-Mixer (https://arxiv.org/abs/2507.00029, code
-    https://github.com/hustcselwb/LoRA-Mixer), gated LoRA (https://arxiv.org/abs/2507.11851, no public code) and O3
-    (https://arxiv.org/abs/2407.10223, code https://github.com/GCYZSL/O3-LLM-UNLEARNING).
-    """
+    ValueError naming ``name`` otherwise. Used by the layers of LoRA-Mixer, gated LoRA and O3."""
     if value is None:
         return None
     token_shape = tuple(x.shape[:-1])
@@ -100,19 +93,14 @@ def check_route_input(
     Reads tensor values only to turn a 0/1 integer mask into bool; a bool mask, an integer or a float input is
     checked from its dtype and shape alone.
 
-    Used by LoRA-Mixer (https://arxiv.org/abs/2507.00029, code https://github.com/hustcselwb/LoRA-Mixer), gated LoRA
-    (https://arxiv.org/abs/2507.11851, no public code), O3 (https://arxiv.org/abs/2407.10223, code
-    https://github.com/GCYZSL/O3-LLM-UNLEARNING) and prompt-aware LoRA (https://arxiv.org/abs/2404.00656, code
-    https://github.com/microsoft/SpeechT5).
-    """
+    Used by LoRA-Mixer, gated LoRA, O3 and prompt-aware LoRA."""
     value = route_value(name, value, kind=kind, per_sample_ok=per_sample_ok)
     return check_route_shape(name, value, x, per_sample_ok=per_sample_ok)
 
 
 def value_range(value: torch.Tensor) -> Optional[tuple]:
     """``(min, max)`` of a tensor as Python numbers with one device read, or None when it is empty. For the
-    once-per-call range checks of route ids (gated LoRA https://arxiv.org/abs/2507.11851, LoRA-Mixer
-    https://arxiv.org/abs/2507.00029, code https://github.com/hustcselwb/LoRA-Mixer)."""
+    once-per-call range checks of route ids (gated LoRA, LoRA-Mixer)."""
     if value.numel() == 0:
         return None
     low, high = torch.stack([value.min(), value.max()]).tolist()
@@ -122,8 +110,7 @@ def value_range(value: torch.Tensor) -> Optional[tuple]:
 def current_tokens(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
     """The token tensor of a transformers-style model call: ``input_ids`` ``[batch, tokens]`` or ``inputs_embeds``
     ``[batch, tokens, d]`` (keyword), or a positional integer ``[batch, tokens]`` tensor; None for other models.
-    Used by ``TokenRoutes`` for gated LoRA (https://arxiv.org/abs/2507.11851, no official code) and LoRA-Mixer
-    (https://arxiv.org/abs/2507.00029, code https://github.com/hustcselwb/LoRA-Mixer)."""
+    Used by ``TokenRoutes`` for gated LoRA and LoRA-Mixer."""
     for key in ("input_ids", "inputs_embeds"):
         value = kwargs.get(key)
         if isinstance(value, torch.Tensor) and value.dim() >= 2:
@@ -136,8 +123,7 @@ def current_tokens(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
 def past_length(kwargs: dict) -> int:
     """Number of positions already in the KV cache before this forward: ``cache_position[0]`` when transformers
     passes it, else the length of ``past_key_values`` (0 without a cache). Used by ``TokenRoutes`` for gated LoRA
-    (https://arxiv.org/abs/2507.11851, no official code) and LoRA-Mixer (https://arxiv.org/abs/2507.00029, code
-    https://github.com/hustcselwb/LoRA-Mixer)."""
+    and LoRA-Mixer."""
     position = kwargs.get("cache_position")
     if isinstance(position, torch.Tensor) and position.numel():
         return int(position.reshape(-1)[0])
@@ -166,11 +152,8 @@ class TokenRoutes:
     ``num_return_sequences`` (``repeat_interleave`` on dim 0), per-token and per-sample (``[batch]``) inputs are
     repeated alike. Inputs of any other shape are left as given, so the layers' shape check names them.
 
-    ``fills`` maps the input names that follow the token axis to their fill. Used by gated LoRA
-    (https://arxiv.org/abs/2507.11851, no official code; TARA https://arxiv.org/abs/2508.08812, code
-    https://github.com/YuqiPeng77/TARA) and LoRA-Mixer (https://arxiv.org/abs/2507.00029, code
-    https://github.com/hustcselwb/LoRA-Mixer).
-    """
+    ``fills`` maps the input names that follow the token axis to their fill. Used by gated LoRA (and TARA) and
+    LoRA-Mixer."""
 
     def __init__(self, inputs: dict, fills: dict, layers: list, call_tokens: Optional[torch.Tensor]):
         self.inputs = inputs
@@ -249,9 +232,7 @@ def topk_route(
     when ``renormalize`` (MoLA, Mixtral), zero elsewhere. With k = E and renormalisation the weights equal ``probs``.
     Note that top-1 with renormalisation gives weight 1 and no task-loss gradient to the router.
 
-    Used by MoLA (https://arxiv.org/abs/2402.08562, code https://github.com/GCYZSL/MoLA) and LoRA-Mixer
-    (https://arxiv.org/abs/2507.00029, code https://github.com/hustcselwb/LoRA-Mixer).
-    """
+    Used by MoLA and LoRA-Mixer."""
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     num_experts = probs.shape[-1]
     if k >= num_experts:
@@ -265,16 +246,16 @@ def topk_route(
     return weights, mask, probs
 
 
-def load_balance_loss(probs: torch.Tensor, mask: torch.Tensor, token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+def load_balance_loss(
+    probs: torch.Tensor, mask: torch.Tensor, token_mask: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """The Switch-Transformer / Mixtral load-balancing loss ``E · Σ_e f_e · P̄_e`` (as MoLA uses it).
 
     ``probs`` and ``mask`` are ``[..., E]``; ``f_e`` is the mean over tokens of ``mask[..., e]`` (the fraction of
     routing slots that pick e, summing to k) and ``P̄_e`` the mean router probability. ``token_mask`` (``[...]``,
     bool) leaves out padding. The minimum, for uniform routing, is k.
 
-    Used by MoLA (https://arxiv.org/abs/2402.08562, code https://github.com/GCYZSL/MoLA) and LoRA-Mixer
-    (https://arxiv.org/abs/2507.00029, code https://github.com/hustcselwb/LoRA-Mixer).
-    """
+    Used by MoLA and LoRA-Mixer."""
     probs = probs.reshape(-1, probs.shape[-1]).float()
     mask = mask.reshape(-1, mask.shape[-1]).float()
     if token_mask is not None:
@@ -289,9 +270,7 @@ def load_balance_loss(probs: torch.Tensor, mask: torch.Tensor, token_mask: Optio
 def expert_load(mask: torch.Tensor) -> torch.Tensor:
     """Fraction of routing slots each expert received in this forward (``[E]``, detached, sums to k).
 
-    Used by MoLA (https://arxiv.org/abs/2402.08562, code https://github.com/GCYZSL/MoLA) and LoRA-Mixer
-    (https://arxiv.org/abs/2507.00029, code https://github.com/hustcselwb/LoRA-Mixer).
-    """
+    Used by MoLA and LoRA-Mixer."""
     return mask.detach().reshape(-1, mask.shape[-1]).float().mean(dim=0)
 
 
@@ -301,10 +280,9 @@ def routing_statistics(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
     Reads ``last_load`` (a dict adapter -> tensor) from every module that has one, i.e. the routed tuner layers.
     Useful for logging and for plotting expert load per depth.
 
-    For MoLA (https://arxiv.org/abs/2402.08562, code https://github.com/GCYZSL/MoLA), LoRA-Mixer
-    (https://arxiv.org/abs/2507.00029, code https://github.com/hustcselwb/LoRA-Mixer) and SMoRA
-    (https://arxiv.org/abs/2501.15103, no public code) layers.
-    """
+    For MoLA, LoRA-Mixer
+ and SMoRA
+ layers."""
     stats = {}
     for name, module in model.named_modules():
         load = getattr(module, "last_load", None)

@@ -19,10 +19,9 @@ from .config import BlockLoraConfig
 def zero_sum_blocks(out_features: int, n_blocks: int, block_rank: int, bound: float) -> torch.Tensor:
     """Random blocks ``(out, n, r/n)`` whose sum over the block axis is exactly zero in float32, in any summation order.
 
-    Used by ``BlockLoraConfig(init_B="zero_sum")`` (paper https://arxiv.org/abs/2501.16720, no public code). Values
-    are integers times a power of two (``J_i = n·I_i − Σ_j I_j`` with ``I_i`` uniform integers), so every partial sum
-    is exactly representable; entries are bounded by ``2·bound``. Draws from the global RNG like PEFT's inits.
-    """
+    Used by ``BlockLoraConfig(init_B="zero_sum")``. Values are integers times a power of two (``J_i = n·I_i − Σ_j I_j``
+    with ``I_i`` uniform integers), so every partial sum
+    is exactly representable; entries are bounded by ``2·bound``. Draws from the global RNG like PEFT's inits."""
     levels = 1024
     ints = torch.randint(-levels, levels + 1, (out_features, n_blocks, block_rank))
     centred = n_blocks * ints - ints.sum(dim=1, keepdim=True)
@@ -31,13 +30,12 @@ def zero_sum_blocks(out_features: int, n_blocks: int, block_rank: int, bound: fl
 
 
 class BlockLoraLayer(ExtLayer):
-    """Block-LoRA tuner layer (paper https://arxiv.org/abs/2501.16720, no public code).
+    """Block-LoRA tuner layer.
 
     Weights: ``block_lora_down[adapter]`` (the shared ``A_s``, ``r/n × in``, kaiming-uniform) and
     ``block_lora_up[adapter]`` (``B = [B_1 … B_n]``, ``out × r``; block ``i`` is columns ``i·r/n … (i+1)·r/n − 1``).
     The branch is ``s·(drop(x) A_sᵀ)(Σ_i B_i)ᵀ`` with ``s = α/r``: one rank-``r/n`` down-projection and a sum over the
-    blocks, never a loop over them. ``ΔW = s·(Σ_i B_i)·A_s``.
-    """
+    blocks, never a loop over them. ``ΔW = s·(Σ_i B_i)·A_s``."""
 
     adapter_layer_names = ("block_lora_down", "block_lora_up")
     other_param_names = ("r", "n_blocks", "lora_alpha", "scaling", "block_lora_dropout")
@@ -104,10 +102,7 @@ class BlockLoraLayer(ExtLayer):
 
 
 class BlockLoraLinear(nn.Module, BlockLoraLayer):
-    """Block-LoRA around a linear layer (``nn.Linear`` or a bitsandbytes 8-bit / 4-bit linear layer).
-
-    Block-LoRA paper: https://arxiv.org/abs/2501.16720; no public code.
-    """
+    """Block-LoRA around a linear layer (``nn.Linear`` or a bitsandbytes 8-bit / 4-bit linear layer)."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: BlockLoraConfig, **kwargs) -> None:
         nn.Module.__init__(self)

@@ -13,18 +13,14 @@ from .layer import BlockLoraLayer, BlockLoraLinear
 
 
 def block_lora_layers(model: nn.Module) -> list[BlockLoraLayer]:
-    """All Block-LoRA layers inside ``model`` (a PeftModel, a BlockLoraModel or any module holding them).
-
-    Paper https://arxiv.org/abs/2501.16720, no public code.
-    """
+    """All Block-LoRA layers inside ``model`` (a PeftModel, a BlockLoraModel or any module holding them)."""
     return [m for m in model.modules() if isinstance(m, BlockLoraLayer)]
 
 
 class BlockLoraModel(ExtModel):
-    """Block-LoRA tuner model (paper https://arxiv.org/abs/2501.16720, no public code).
+    """Block-LoRA tuner model.
 
-    Mergeable (``ΔW = (α/r)·(Σ_i B_i)·A_s``), works on bitsandbytes bases and exports to plain LoRA of rank r/n.
-    """
+    Mergeable (``ΔW = (α/r)·(Σ_i B_i)·A_s``), works on bitsandbytes bases and exports to plain LoRA of rank r/n."""
 
     prefix: str = "block_lora_"
     tuner_layer_cls = BlockLoraLayer

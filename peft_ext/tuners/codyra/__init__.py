@@ -7,7 +7,7 @@ from .layer import CodyraGate, CodyraLayer, CodyraLinear, threshold_gate
 from .model import (CodyraModel, apply_threshold, codyra_layers, effective_rank, increment_task,
                     official_threshold_at, threshold_at)
 from ...spec import MethodSpec
-from ...callbacks.codyra import CodyraThresholdCallback  # after the names it imports from this package
+from .callback import CodyraThresholdCallback
 
 
 SPEC = MethodSpec(

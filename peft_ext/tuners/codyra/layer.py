@@ -28,9 +28,7 @@ def threshold_gate(gate: torch.Tensor, tau: float, mode: str = "soft") -> torch.
 
     ``mode="soft"``: the paper's proximal step for ``τ·‖g‖₁``, ``sign(g)·max(|g| − τ, 0)`` (exact zeros below τ).
     ``mode="official"``: the official code's three sequential in-place lines (``g[g > τ] −= τ``, ``g[g < −τ] += τ``,
-    ``g[|g| < τ] = 0``), which zero ``τ < |g| < 2τ`` as well and leave ``|g| = τ`` untouched.
-    Paper https://arxiv.org/abs/2412.01004, official code https://github.com/Artificer-AI-Lab/CoDyRA.
-    """
+    ``g[|g| < τ] = 0``), which zero ``τ < |g| < 2τ`` as well and leave ``|g| = τ`` untouched."""
     if mode not in THRESHOLD_MODES:
         raise bad_value("threshold_gate", "mode", mode, f"one of {THRESHOLD_MODES}")
     if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau >= 0:
@@ -44,8 +42,7 @@ def threshold_gate(gate: torch.Tensor, tau: float, mode: str = "soft") -> torch.
 
 class CodyraGate(nn.Module):
     """Holds the per-rank importance vector ``g`` (``weight``, shape ``(r,)``) of one CoDyRA adapter, so that its
-    parameter is named ``codyra_gate.<adapter>.weight`` (paper https://arxiv.org/abs/2412.01004, official code
-    https://github.com/Artificer-AI-Lab/CoDyRA)."""
+    parameter is named ``codyra_gate.<adapter>.weight``."""
 
     def __init__(self, r: int) -> None:
         super().__init__()
@@ -66,8 +63,7 @@ def _fold_past_hook(module: "CodyraLayer", incompatible_keys) -> None:
 
 
 class CodyraLayer(ExtLayer):
-    """CoDyRA tuner layer (paper https://arxiv.org/abs/2412.01004, official code
-    https://github.com/Artificer-AI-Lab/CoDyRA).
+    """CoDyRA tuner layer.
 
     Weights: ``codyra_down[adapter]`` (A, ``r × in``, kaiming-uniform), ``codyra_up[adapter]`` (B, ``out × r``, zeros)
     and ``codyra_gate[adapter]`` (g, ``(r,)``, N(0, 1) from a local generator). The branch is
@@ -80,8 +76,8 @@ class CodyraLayer(ExtLayer):
     ``load_state_dict`` post-hook), task by task with the same arithmetic, so a fresh process reproduces the model.
     Consequences, by design: after ``increment_task`` (or loading such an adapter) ``disable_adapter()`` shows the base
     *with* the past tasks, and ``save_as_lora`` exports the current task only; ``delete_adapter`` takes the adapter's
-    folded tasks out of the base weight again. Several continual adapters on one base add up their histories (warned).
-    """
+    folded tasks out of the base weight again. Several continual adapters on one base add up their histories
+    (warned)."""
 
     adapter_layer_names = ("codyra_down", "codyra_up", "codyra_gate")
     other_param_names = (
@@ -197,7 +193,8 @@ class CodyraLayer(ExtLayer):
         if self.quantization_backend is not None:
             raise ValueError(
                 f"CoDyRA increment_task rewrites the base weight, which is not possible exactly on a "
-                f"{self.quantization_backend.backend_name} quantized base layer ({type(self.get_base_layer()).__name__}); "
+                f"{self.quantization_backend.backend_name} quantized base layer "
+                f"({type(self.get_base_layer()).__name__}); "
                 "use an unquantized (fp32/bf16) base model for continual training."
             )
         if adapter in self.merged_adapters:
@@ -302,10 +299,7 @@ class CodyraLayer(ExtLayer):
 
 
 class CodyraLinear(nn.Module, CodyraLayer):
-    """CoDyRA around a linear layer (``nn.Linear`` or a bitsandbytes 8-bit / 4-bit linear layer).
-
-    CoDyRA paper: https://arxiv.org/abs/2412.01004; official code https://github.com/Artificer-AI-Lab/CoDyRA.
-    """
+    """CoDyRA around a linear layer (``nn.Linear`` or a bitsandbytes 8-bit / 4-bit linear layer)."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: CodyraConfig, **kwargs) -> None:
         nn.Module.__init__(self)

@@ -19,8 +19,7 @@ from .layer import PAST_NAMES, CodyraLayer, CodyraLinear
 
 
 def codyra_layers(model: nn.Module) -> list[CodyraLayer]:
-    """All CoDyRA layers inside ``model`` (paper https://arxiv.org/abs/2412.01004, official code
-    https://github.com/Artificer-AI-Lab/CoDyRA)."""
+    """All CoDyRA layers inside ``model``."""
     return [m for m in model.modules() if isinstance(m, CodyraLayer)]
 
 
@@ -43,17 +42,17 @@ def _named_layers(model: nn.Module, adapter_name: Optional[str]):
 def effective_rank(model: nn.Module, adapter_name: Optional[str] = None) -> dict[str, int]:
     """Active ranks (non-zero entries of g) per CoDyRA layer, keyed by its path inside the base model (e.g.
     ``model.layers.0.self_attn.q_proj``; the adapter name is appended when
-    several adapters are counted). Paper https://arxiv.org/abs/2412.01004, code
-    https://github.com/Artificer-AI-Lab/CoDyRA."""
+    several adapters are counted)."""
     found = _named_layers(model, adapter_name)
     several = len({a for _, _, a in found}) > 1
     return {(f"{name}[{a}]" if several else name): layer.effective_rank(a) for name, layer, a in found}
 
 
-def apply_threshold(model: nn.Module, tau: float, adapter_name: Optional[str] = None, mode: Optional[str] = None) -> int:
+def apply_threshold(
+    model: nn.Module, tau: float, adapter_name: Optional[str] = None, mode: Optional[str] = None
+) -> int:
     """Threshold the importance vector g of every CoDyRA layer with ``tau`` (``mode``: 'soft' | 'official', default
-    each adapter's ``threshold_mode``); returns the total number of active ranks afterwards.
-    Paper https://arxiv.org/abs/2412.01004, code https://github.com/Artificer-AI-Lab/CoDyRA."""
+    each adapter's ``threshold_mode``); returns the total number of active ranks afterwards."""
     found = _named_layers(model, adapter_name)
     return sum(layer.apply_threshold(a, tau, mode) for _, layer, a in found)
 
@@ -72,8 +71,7 @@ def threshold_at(step: int, max_steps: int, max_kappa: float, num_thresholds: in
     advances of τ from the start of training (iterations that are multiples of ``L = (T − D)//num_thresholds``), not
     from D, so the two sequences coincide only when L divides D and ``num_thresholds`` divides ``T − D`` (and even then
     the official code skips thresholding at step D itself); with ``T − D < num_thresholds``, L = 0 and τ never leaves
-    0 there (no pruning at all). Paper https://arxiv.org/abs/2412.01004, code https://github.com/Artificer-AI-Lab/CoDyRA.
-    """
+    0 there (no pruning at all)."""
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
         raise bad_value("threshold_at", "max_steps", max_steps, "an integer >= 1")
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
@@ -93,14 +91,12 @@ def threshold_at(step: int, max_steps: int, max_kappa: float, num_thresholds: in
 def official_threshold_at(step: int, max_steps: int, max_kappa: float, num_thresholds: int = 50,
                           dense_fraction: float = 0.5) -> Optional[float]:
     """τ after optimizer step ``step`` (0-based) as the official CoDyRA ``train_model`` computes it, or None where it
-    does not threshold (paper https://arxiv.org/abs/2412.01004, code https://github.com/Artificer-AI-Lab/CoDyRA,
-    ``models/codyra.py``).
+    does not threshold (official ``models/codyra.py``).
 
     With ``D = dense_fraction·max_steps`` (a float) and ``L = int((max_steps − D) // num_thresholds)``, the official
     loop moves to the next entry of ``linspace(0, max_kappa, num_thresholds)`` at every iteration ``i >= D`` with
     ``i % L == 0`` (counted from iteration 0; never when L = 0) and thresholds after the optimizer step of every
-    iteration ``i > D``. So τ at step t is entry ``min(num_thresholds − 1, #{multiples of L in [⌈D⌉, t]})``.
-    """
+    iteration ``i > D``. So τ at step t is entry ``min(num_thresholds − 1, #{multiples of L in [⌈D⌉, t]})``."""
     dense = dense_fraction * max_steps
     if step <= dense:
         return None
@@ -119,8 +115,7 @@ def increment_task(model: nn.Module, adapter_name: str = "default") -> dict[str,
     place; their old Adam moments would otherwise carry over). Returns the folded rank per layer.
 
     Official code (``codyra_Linear.increment_task``) keeps the folded factors as frozen ``old_lora_*`` parameters the
-    same way. Paper https://arxiv.org/abs/2412.01004, code https://github.com/Artificer-AI-Lab/CoDyRA.
-    """
+    same way."""
     found = _named_layers(model, adapter_name)
     for _, layer, adapter in found:  # check everything before touching any weight
         layer.check_can_fold(adapter)
@@ -132,12 +127,10 @@ def increment_task(model: nn.Module, adapter_name: str = "default") -> dict[str,
 
 
 class CodyraModel(ExtModel):
-    """CoDyRA tuner model (paper https://arxiv.org/abs/2412.01004, official code
-    https://github.com/Artificer-AI-Lab/CoDyRA).
+    """CoDyRA tuner model.
 
     Train with ``peft_ext.callbacks.codyra.CodyraThresholdCallback`` (the rank-pruning schedule); inspect
-    ``effective_rank()``; close a task with ``increment_task()``. All three are also reachable on the ``PeftModel``.
-    """
+    ``effective_rank()``; close a task with ``increment_task()``. All three are also reachable on the ``PeftModel``."""
 
     prefix: str = "codyra_"
     tuner_layer_cls = CodyraLayer

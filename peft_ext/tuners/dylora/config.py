@@ -28,7 +28,9 @@ class DyLoraConfig(ExtConfig):
     method_name: ClassVar[str] = "dylora"
 
     r: int = field(default=8, metadata={"help": "Maximum rank r_max; every rank 1..r is usable after training."})
-    lora_alpha: float = field(default=16, metadata={"help": "Scale numerator α; at rank b the branch is scaled by α/b."})
+    lora_alpha: float = field(
+        default=16, metadata={"help": "Scale numerator α; at rank b the branch is scaled by α/b."}
+    )
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input, in [0, 1)."})
     eval_rank: Optional[int] = field(
         default=None,

@@ -18,12 +18,11 @@ from .config import DyLoraConfig
 
 
 class DyLoraLayer(ExtLayer):
-    """DyLoRA tuner layer (paper https://arxiv.org/abs/2210.07558, code https://github.com/huawei-noah/Efficient-NLP).
+    """DyLoRA tuner layer.
 
     Weights: ``dylora_down[adapter]`` (A, r×in, kaiming-uniform) and ``dylora_up[adapter]`` (B, out×r, zeros).
     ``rank[adapter]`` is the evaluation / merge rank; ``train_rank[adapter]``, set each optimizer step by
-    ``DyLoraRankSampler``, overrides it while the module is in training mode.
-    """
+    ``DyLoraRankSampler``, overrides it while the module is in training mode."""
 
     adapter_layer_names = ("dylora_down", "dylora_up")
     other_param_names = ("r", "lora_alpha", "dylora_dropout", "rank", "train_rank", "frozen_lower")
@@ -100,8 +99,7 @@ class DyLoraLayer(ExtLayer):
         """(A, B, s) with ΔW = s·B·A at the full rank r, for B·A optimizers such as LoRA-Pro.
 
         Only defined at rank r: under a sampled rank b < r the update is (α/b)·B[:, :b]·A[:b], which LoRA-Pro's
-        equivalent gradient does not model, so this raises instead of silently mixing the two.
-        """
+        equivalent gradient does not model, so this raises instead of silently mixing the two."""
         b = self.current_rank(adapter)
         if b != self.r[adapter]:
             raise ValueError(
@@ -122,10 +120,7 @@ class DyLoraLayer(ExtLayer):
 
 
 class DyLoraLinear(nn.Module, DyLoraLayer):
-    """DyLoRA around a linear layer (``nn.Linear`` or a bitsandbytes 8-bit / 4-bit linear layer).
-
-    DyLoRA paper: https://arxiv.org/abs/2210.07558; official code https://github.com/huawei-noah/Efficient-NLP.
-    """
+    """DyLoRA around a linear layer (``nn.Linear`` or a bitsandbytes 8-bit / 4-bit linear layer)."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: DyLoraConfig, **kwargs) -> None:
         nn.Module.__init__(self)

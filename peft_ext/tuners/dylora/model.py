@@ -15,18 +15,12 @@ from .layer import DyLoraLayer, DyLoraLinear
 
 
 def dylora_layers(model: nn.Module) -> list[DyLoraLayer]:
-    """All DyLoRA layers inside ``model`` (a PeftModel, a DyLoraModel or any module holding them).
-
-    DyLoRA paper: https://arxiv.org/abs/2210.07558; official code https://github.com/huawei-noah/Efficient-NLP.
-    """
+    """All DyLoRA layers inside ``model`` (a PeftModel, a DyLoraModel or any module holding them)."""
     return [m for m in model.modules() if isinstance(m, DyLoraLayer)]
 
 
 def max_rank(model: nn.Module, adapter_name: Optional[str] = None) -> int:
-    """The largest rank ``r`` of the DyLoRA adapter ``adapter_name`` (default: each layer's active adapters).
-
-    DyLoRA paper: https://arxiv.org/abs/2210.07558; official code https://github.com/huawei-noah/Efficient-NLP.
-    """
+    """The largest rank ``r`` of the DyLoRA adapter ``adapter_name`` (default: each layer's active adapters)."""
     ranks = [
         layer.r[name]
         for layer in dylora_layers(model)
@@ -43,10 +37,7 @@ def set_rank(model: nn.Module, rank: Optional[int], adapter_name: Optional[str] 
 
     ``training_only=True`` sets the sampled training rank (``None`` clears it); otherwise it sets the evaluation and
     merge rank and records it in the adapter's config so that ``save_pretrained`` keeps it. Changing the rank of a
-    merged adapter is an error: unmerge first.
-
-    DyLoRA paper: https://arxiv.org/abs/2210.07558; official code https://github.com/huawei-noah/Efficient-NLP.
-    """
+    merged adapter is an error: unmerge first."""
     layers = dylora_layers(model)
     if not layers:
         raise ValueError("set_rank: the model has no DyLoRA layers.")
@@ -67,10 +58,9 @@ def set_rank(model: nn.Module, rank: Optional[int], adapter_name: Optional[str] 
 
 
 class DyLoraModel(ExtModel):
-    """DyLoRA tuner model (paper https://arxiv.org/abs/2210.07558, code https://github.com/huawei-noah/Efficient-NLP).
+    """DyLoRA tuner model.
 
-    ``model.set_rank(b)`` (also on the ``PeftModel``) evaluates and merges the same adapter at rank ``b``.
-    """
+    ``model.set_rank(b)`` (also on the ``PeftModel``) evaluates and merges the same adapter at rank ``b``."""
 
     prefix: str = "dylora_"
     tuner_layer_cls = DyLoraLayer

@@ -35,7 +35,8 @@ SPEC = MethodSpec(
     mergeable=True,
     lora_convertible=True,
     routed=True,
-    summary="LoRA branches switched on per token (`route_ids=`/`modality=`/`gate=`): MTP gated LoRA, TARA, MM-LoRA, RegionBLIP.",
+    summary="LoRA branches switched on per token (`route_ids=`/`modality=`/`gate=`): MTP gated LoRA, TARA, MM-LoRA, "
+    "RegionBLIP.",
     overhead_target=1.10,
     bench_variants=(("2 branches, mode='sum' (MM-LoRA)", {"branches": ["vision", "language"], "mode": "sum",
                                                            "default_route": None}),),

@@ -122,7 +122,8 @@ class GatedLoraConfig(ExtConfig):
             if set(self.r) != set(self.branches) or not all(
                 isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in self.r.values()
             ):
-                raise bad_value(self, "r", self.r, f"an integer >= 1 or a dict {{branch: integer >= 1}} over {self.branches}")
+                raise bad_value(self, "r", self.r,
+                                f"an integer >= 1 or a dict {{branch: integer >= 1}} over {self.branches}")
             if self.rank_ratio is not None:
                 raise bad_value(self, "rank_ratio", self.rank_ratio, "None when r is a dict of ranks")
         else:
@@ -136,7 +137,8 @@ class GatedLoraConfig(ExtConfig):
                 or len(ratio) != len(self.branches)
                 or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 for w in ratio)
             ):
-                raise bad_value(self, "rank_ratio", ratio, f"None or {len(self.branches)} positive numbers (one per branch)")
+                raise bad_value(self, "rank_ratio", ratio,
+                                f"None or {len(self.branches)} positive numbers (one per branch)")
             self.rank_ratio = [float(w) for w in ratio]
         if self.mode not in MODES:
             raise bad_value(self, "mode", self.mode, f"one of {list(MODES)}")

@@ -23,9 +23,7 @@ ROUTE_ARGS = ("route_ids", "modality", "gate")
 
 
 class GatedLoraLayer(ExtLayer):
-    """Gated LoRA tuner layer (MTP https://arxiv.org/abs/2507.11851, no official code; TARA
-    https://arxiv.org/abs/2508.08812, code https://github.com/YuqiPeng77/TARA; MM-LoRA https://arxiv.org/abs/2410.13733,
-    no public code; RegionBLIP https://arxiv.org/abs/2308.02299, code https://github.com/mightyzau/RegionBLIP).
+    """Gated LoRA tuner layer (MTP gated LoRA, TARA, MM-LoRA, RegionBLIP).
 
     Weights per adapter: ``gated_lora_down[adapter]`` stacks every branch's A (``[Σ r_b, in]``, kaiming-uniform) and
     ``gated_lora_up[adapter]`` every branch's B (``[out, Σ r_b]``, zeros), branch after branch in ``branches`` order.
@@ -35,11 +33,12 @@ class GatedLoraLayer(ExtLayer):
 
     Route inputs follow this layer's token axis (``x.shape[:-1]``): a cross-attention ``to_k`` / ``to_v`` sees the
     text tokens, not the image tokens, so only such layers should be gated when those axes differ
-    (``gated_modules``); a wrong shape raises an error naming the argument and the expected shape.
-    """
+    (``gated_modules``); a wrong shape raises an error naming the argument and the expected shape."""
 
     adapter_layer_names = ("gated_lora_down", "gated_lora_up")
-    other_param_names = ("branches", "ranks", "lora_alpha", "mode", "default_idx", "gated", "align", "gated_lora_dropout")
+    other_param_names = (
+        "branches", "ranks", "lora_alpha", "mode", "default_idx", "gated", "align", "gated_lora_dropout",
+    )
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: GatedLoraConfig, **kwargs) -> None:
         self._init_base(base_layer)
@@ -103,7 +102,8 @@ class GatedLoraLayer(ExtLayer):
     def _branch_index(self, adapter: str, name: str) -> int:
         branches = self.branches[adapter]
         if name not in branches:
-            raise ValueError(f"route_ids names branch {name!r}, which adapter {adapter!r} does not have; branches: {branches}.")
+            raise ValueError(
+                f"route_ids names branch {name!r}, which adapter {adapter!r} does not have; branches: {branches}.")
         return branches.index(name)
 
     def _resolve_route(self, adapter: str, x: torch.Tensor):
@@ -179,43 +179,34 @@ class GatedLoraLayer(ExtLayer):
         if route[0] == "all":
             return self._delta_all(adapter, x, route[1])
         delta = self._delta_routed(adapter, x, route[1])
-        return torch.where((route[1] >= 0).unsqueeze(-1), delta, torch.zeros((), dtype=delta.dtype, device=delta.device))
+        zero = torch.zeros((), dtype=delta.dtype, device=delta.device)
+        return torch.where((route[1] >= 0).unsqueeze(-1), delta, zero)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        previous_dtype = x.dtype
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.merged:
+        if self.merged and not self.disable_adapters:
             given = [n for n in ROUTE_ARGS if (self.call_inputs or {}).get(n) is not None]
             if given and any(self.gated.get(a, False) for a in self.merged_adapters):
                 raise ValueError(
                     f"The gated LoRA adapter is merged into the base weights and applies to every token; per-call "
                     f"{given} cannot be honoured. Call unmerge_adapter() first."
                 )
-            return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self.quantization_backend is not None:
-            result = self.quantization_backend.maybe_clone_base_result(result)
-        for adapter in self.active_adapters:
-            if not self._has_adapter(adapter):
-                continue
-            route = self._resolve_route(adapter, x)
-            if route[0] == "none":
-                continue
-            x_in = self._cast_input_dtype(x, self.adapter_dtype(adapter))
-            if route[0] == "all":
-                result = result + self._delta_all(adapter, x_in, route[1]).to(result.dtype)
-                continue
-            routed = route[1]
-            active = (routed >= 0).unsqueeze(-1)
-            base = result
-            delta = self._delta_routed(adapter, x_in, routed).to(result.dtype)
-            result = torch.where(active, base + delta, base)  # select rows: never 0·Δ, so base rows stay exact
-            if self.align[adapter] and (self.call_inputs or {}).get("align_mask") is not None and self.aux_recording():
-                self._record_alignment(adapter, x, base, result, routed)
-        return result.to(previous_dtype)
+        return ExtLayer.forward(self, x, *args, **kwargs)
+
+    def add_adapter_output(self, adapter: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """``result`` plus the adapter's branch on the tokens this call routes to it (every token when ungated)."""
+        route = self._resolve_route(adapter, x)
+        if route[0] == "none":
+            return result
+        x_in = self._cast_input_dtype(x, self.adapter_dtype(adapter))
+        if route[0] == "all":
+            return result + self._delta_all(adapter, x_in, route[1]).to(result.dtype)
+        routed = route[1]
+        active = (routed >= 0).unsqueeze(-1)
+        delta = self._delta_routed(adapter, x_in, routed).to(result.dtype)
+        out = torch.where(active, result + delta, result)  # select rows: never 0·Δ, so base rows stay exact
+        if self.align[adapter] and (self.call_inputs or {}).get("align_mask") is not None and self.aux_recording():
+            self._record_alignment(adapter, x, result, out, routed)
+        return out
 
     def _record_alignment(self, adapter, x, base, out, route) -> None:
         """TARA's token alignment loss on this layer: ``mean |(base+Δ)[routed tokens] − base[align_mask tokens]|``,
@@ -293,8 +284,7 @@ class GatedLoraLayer(ExtLayer):
 
 class GatedLoraLinear(nn.Module, GatedLoraLayer):
     """Gated LoRA around a linear layer (``nn.Linear`` or a bitsandbytes 8-bit / 4-bit linear layer); see
-    ``GatedLoraLayer`` (papers https://arxiv.org/abs/2507.11851, https://arxiv.org/abs/2508.08812,
-    https://arxiv.org/abs/2410.13733, https://arxiv.org/abs/2308.02299)."""
+    ``GatedLoraLayer``."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: GatedLoraConfig, **kwargs) -> None:
         nn.Module.__init__(self)

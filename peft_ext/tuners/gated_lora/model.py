@@ -35,10 +35,7 @@ def module_matches(spec: Optional[Union[list[str], str]], key: str) -> bool:
 
 
 def gated_lora_layers(model: nn.Module) -> list[GatedLoraLayer]:
-    """All gated LoRA layers inside ``model`` (a PeftModel, a GatedLoraModel or any module holding them).
-    Gated LoRA: MTP https://arxiv.org/abs/2507.11851 (no official code), TARA https://arxiv.org/abs/2508.08812
-    (https://github.com/YuqiPeng77/TARA), MM-LoRA https://arxiv.org/abs/2410.13733 (no public code), RegionBLIP
-    https://arxiv.org/abs/2308.02299 (https://github.com/mightyzau/RegionBLIP)."""
+    """All gated LoRA layers inside ``model`` (a PeftModel, a GatedLoraModel or any module holding them)."""
     return [m for m in model.modules() if isinstance(m, GatedLoraLayer)]
 
 
@@ -49,7 +46,8 @@ def _exporting_branch(model: nn.Module, branch: str, adapter_name: str):
         raise ValueError(f"The model has no gated LoRA adapter {adapter_name!r}.")
     if branch not in layers[0].branches[adapter_name]:
         raise ValueError(
-            f"branch {branch!r} is not a branch of adapter {adapter_name!r}; branches: {layers[0].branches[adapter_name]}."
+            f"branch {branch!r} is not a branch of adapter {adapter_name!r}; "
+            f"branches: {layers[0].branches[adapter_name]}."
         )
     for layer in layers:
         layer._export_branch[adapter_name] = branch
@@ -67,9 +65,7 @@ def save_branch_as_lora(
 
     The gate is dropped: the exported LoRA applies the branch to every token, i.e. it equals the gated adapter only
     where the route selects this branch. Ungated layers (``gated_modules``, ``mode='sum'``) export this branch only
-    as well. ``rank`` defaults to the branch's rank, which reproduces ``ΔW_b`` exactly up to SVD round-off.
-    MTP https://arxiv.org/abs/2507.11851, TARA https://arxiv.org/abs/2508.08812 (code https://github.com/YuqiPeng77/TARA).
-    """
+    as well. ``rank`` defaults to the branch's rank, which reproduces ``ΔW_b`` exactly up to SVD round-off."""
     from peft.tuners.lora.conversion import save_as_lora
 
     layers = [layer for layer in gated_lora_layers(model) if adapter_name in layer.branches]
@@ -77,7 +73,8 @@ def save_branch_as_lora(
         raise ValueError(f"The model has no gated LoRA adapter {adapter_name!r}.")
     if branch not in layers[0].branches[adapter_name]:
         raise ValueError(
-            f"branch {branch!r} is not a branch of adapter {adapter_name!r}; branches: {layers[0].branches[adapter_name]}."
+            f"branch {branch!r} is not a branch of adapter {adapter_name!r}; "
+            f"branches: {layers[0].branches[adapter_name]}."
         )
     if any(layer.gated[adapter_name] for layer in layers):
         warnings.warn(
@@ -91,10 +88,7 @@ def save_branch_as_lora(
 
 
 class GatedLoraModel(ExtModel):
-    """Gated LoRA tuner model (MTP https://arxiv.org/abs/2507.11851, no official code; TARA
-    https://arxiv.org/abs/2508.08812, code https://github.com/YuqiPeng77/TARA; MM-LoRA
-    https://arxiv.org/abs/2410.13733, no public code; RegionBLIP https://arxiv.org/abs/2308.02299,
-    code https://github.com/mightyzau/RegionBLIP).
+    """Gated LoRA tuner model (MTP gated LoRA, TARA, MM-LoRA, RegionBLIP).
 
     Per-call inputs, passed to ``PeftModel`` like PEFT's ``adapter_names=``: ``route_ids`` (int ``[batch, tokens]``,
     ``-1`` = base, ``b`` = ``branches[b]``; or ``[batch]`` / a scalar / a branch name for the whole sample or call),
@@ -107,8 +101,7 @@ class GatedLoraModel(ExtModel):
     MTP's generated tokens are next-token positions, TARA's are no concept), ``modality`` False (the second branch,
     MM-LoRA's language: generated tokens are text), ``gate`` False (base only). ``route_fill=`` passed with the call
     overrides it: a branch index or -1 (``route_ids``), True / False (``modality`` / ``gate``), or ``"last"`` for
-    each sample's last prompt position. Per-sample and whole-call inputs apply to every generated token as given.
-    """
+    each sample's last prompt position. Per-sample and whole-call inputs apply to every generated token as given."""
 
     prefix: str = "gated_lora_"
     tuner_layer_cls = GatedLoraLayer

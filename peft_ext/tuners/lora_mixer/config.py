@@ -114,8 +114,9 @@ class LoraMixerConfig(ExtConfig):
         default_factory=list,
         metadata={
             "help": "PEFT LoRA adapter folders (adapter_config.json + adapter_model.safetensors) loaded as the "
-            "experts, in order, when the adapter is created. Their target modules must cover this config's targets; ranks and "
-            "α may differ. The weights are saved with the mixer: loading a saved mixer never reads these folders."
+            "experts, in order, when the adapter is created. Their target modules must cover this config's targets; "
+            "ranks and α may differ. The weights are saved with the mixer: loading a saved mixer never reads these "
+            "folders."
         },
     )
     freeze_experts: Optional[bool] = field(

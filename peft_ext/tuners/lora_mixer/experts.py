@@ -23,13 +23,11 @@ _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>A|B)(?:\.[^.]+)?\.weight$")
 
 @dataclass
 class LoraExpert:
-    """One PEFT LoRA adapter read from a folder (paper https://arxiv.org/abs/2507.00029, official code
-    https://github.com/hustcselwb/LoRA-Mixer, README only).
+    """One PEFT LoRA adapter read from a folder.
 
     ``modules`` maps a module name relative to the base model (``model.layers.0.self_attn.q_proj``) to
     ``(A [r, in], B [out, r], alpha)``, where ``alpha / r`` is that module's LoRA scale (rsLoRA's ``α/√r`` is stored
-    as ``alpha = α·√r``). ``r`` / ``lora_alpha`` are the folder's global values, converted the same way.
-    """
+    as ``alpha = α·√r``). ``r`` / ``lora_alpha`` are the folder's global values, converted the same way."""
 
     path: str
     r: int
@@ -49,9 +47,7 @@ def read_lora_expert(path: str) -> LoraExpert:
     """Read one PEFT LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``).
 
     Plain LoRA only: DoRA (``use_dora``), LoRA bias (``lora_bias``) and non-LoRA adapters are refused with an error
-    naming the folder, since a mixer expert is ``s·B·A`` and nothing else. Paper: https://arxiv.org/abs/2507.00029;
-    official code: https://github.com/hustcselwb/LoRA-Mixer (README only).
-    """
+    naming the folder, since a mixer expert is ``s·B·A`` and nothing else."""
     where = f"LoraMixerConfig.expert_adapters: {path!r}"
     if not os.path.isdir(path):
         raise ValueError(f"{where} is not a folder; each entry must be a saved PEFT LoRA adapter folder.")
@@ -114,8 +110,7 @@ def read_lora_expert(path: str) -> LoraExpert:
 
 def read_lora_experts(paths: list[str], module_names: list[str]) -> list[LoraExpert]:
     """Read every folder of ``paths`` and check that each one covers every module of ``module_names`` (the modules
-    the mixer adapts), so nothing is created before all experts are known to fit. Paper:
-    https://arxiv.org/abs/2507.00029; official code: https://github.com/hustcselwb/LoRA-Mixer (README only)."""
+    the mixer adapts), so nothing is created before all experts are known to fit."""
     experts = [read_lora_expert(path) for path in paths]
     for expert in experts:
         missing = [m for m in module_names if m not in expert.modules]

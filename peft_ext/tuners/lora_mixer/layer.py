@@ -21,8 +21,7 @@ EXPERT_LAYER_NAMES = ("lora_mixer_down", "lora_mixer_up")
 
 
 class LoraMixerLayer(ExtLayer):
-    """LoRA-Mixer tuner layer (paper https://arxiv.org/abs/2507.00029, code https://github.com/hustcselwb/LoRA-Mixer,
-    README only).
+    """LoRA-Mixer tuner layer.
 
     Weights per adapter: ``lora_mixer_router`` (``Linear(in, E)``, no bias, kaiming-uniform), ``lora_mixer_down``
     (all experts' A stacked along the rank axis, ``[Σ r_e, in]``) and ``lora_mixer_up`` (all B side by side,
@@ -33,8 +32,7 @@ class LoraMixerLayer(ExtLayer):
     The per-call input ``expert_ids`` (``model(..., expert_ids=ids)``: long, one entry per token or per sample, -1 for
     no expert) replaces the router by a one-hot route, e.g. to reproduce each source LoRA or to analyse experts.
     After each routed forward ``last_load[adapter]`` holds the fraction of tokens routed to each expert (``[E]``,
-    sums to top_k) and ``last_probs[adapter]`` the mean router probability per expert.
-    """
+    sums to top_k) and ``last_probs[adapter]`` the mean router probability per expert."""
 
     adapter_layer_names = ("lora_mixer_router", "lora_mixer_down", "lora_mixer_up")
     other_param_names = (
@@ -85,8 +83,7 @@ class LoraMixerLayer(ExtLayer):
         """Create (or replace) the adapter ``adapter_name`` from ``config``.
 
         ``ranks`` / ``alphas`` (one per expert) override the config's for this module (rank_pattern, loaded folders);
-        ``experts`` is a list of ``(A, B)`` per expert (from PEFT LoRA folders) copied into the stacked weights.
-        """
+        ``experts`` is a list of ``(A, B)`` per expert (from PEFT LoRA folders) copied into the stacked weights."""
         E = config.num_experts
         ranks = list(ranks if ranks is not None else config.r)
         alphas = [float(a) for a in (alphas if alphas is not None else config.lora_alpha)]
@@ -216,8 +213,7 @@ class LoraMixerLayer(ExtLayer):
 
 
 class LoraMixerLinear(nn.Module, LoraMixerLayer):
-    """LoRA-Mixer around a linear layer (``nn.Linear`` or a bitsandbytes 8-bit / 4-bit linear layer); paper
-    https://arxiv.org/abs/2507.00029, code https://github.com/hustcselwb/LoRA-Mixer (README only)."""
+    """LoRA-Mixer around a linear layer (``nn.Linear`` or a bitsandbytes 8-bit / 4-bit linear layer)."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraMixerConfig, **kwargs) -> None:
         nn.Module.__init__(self)

@@ -49,16 +49,12 @@ def _pattern_lookup(pattern: dict, key: str):
 
 
 def lora_mixer_layers(model: nn.Module) -> list[LoraMixerLayer]:
-    """All LoRA-Mixer layers inside ``model`` (a PeftModel, a LoraMixerModel or any module holding them).
-
-    Paper: https://arxiv.org/abs/2507.00029; official code: https://github.com/hustcselwb/LoRA-Mixer (README only).
-    """
+    """All LoRA-Mixer layers inside ``model`` (a PeftModel, a LoraMixerModel or any module holding them)."""
     return [m for m in model.modules() if isinstance(m, LoraMixerLayer)]
 
 
 class LoraMixerModel(ExtModel):
-    """LoRA-Mixer tuner model (paper https://arxiv.org/abs/2507.00029, code https://github.com/hustcselwb/LoRA-Mixer,
-    README only).
+    """LoRA-Mixer tuner model.
 
     Without ``target_modules`` it adapts the attention input/output projections (``ATTENTION_TARGET_MODULES``).
     With ``expert_adapters`` the PEFT LoRA folders are read once, checked to cover every target module, and copied
@@ -67,8 +63,7 @@ class LoraMixerModel(ExtModel):
     per-call input (``model(input_ids, expert_ids=ids)``) that forces one expert per token or per sample (-1: no
     expert). Under ``generate`` a per-token ``expert_ids`` ``[batch, prompt length]`` covers the prompt; generated
     tokens keep each sample's last given expert (``route_fill="last"``, the default), or take ``route_fill=e``
-    (an expert index, or -1 for none) passed with the call.
-    """
+    (an expert index, or -1 for none) passed with the call."""
 
     prefix: str = "lora_mixer_"
     tuner_layer_cls = LoraMixerLayer
@@ -130,8 +125,8 @@ class LoraMixerModel(ExtModel):
         if unused:
             warnings.warn(
                 f"LoraMixerConfig.expert_adapters: the folders also adapt {len(unused)} modules that the mixer does "
-                f"not target (e.g. {unused[:3]}); those parts of the source LoRAs are not used. Widen target_modules to "
-                "use them.",
+                f"not target (e.g. {unused[:3]}); those parts of the source LoRAs are not used. Widen target_modules "
+                "to use them.",
                 UserWarning,
             )
         self.__dict__["_pending_experts"] = (experts, keys)

@@ -33,14 +33,12 @@ def _round(t: torch.Tensor, factor_dtype: str) -> torch.Tensor:
 
 
 class LoraSBLayer(ExtLayer):
-    """LoRA-SB / LoRA-XS tuner layer (paper https://arxiv.org/abs/2411.19557, code
-    https://github.com/RaghavSinghal10/lora-sb; LoRA-XS https://github.com/MohammadrezaBanaei/LoRA-XS).
+    """LoRA-SB / LoRA-XS tuner layer.
 
     Trainable: ``lora_sb_R[adapter].weight`` (r×r). Frozen but saved with the adapter (they come from W or from data,
     so they cannot be regenerated): the persistent buffers ``lora_sb_A[adapter]`` (r×in) and ``lora_sb_B[adapter]``
     (out×r) and, with ``compensate=True``, the initial ``lora_sb_R0[adapter]``. Buffers never appear in
-    ``parameters()``, so they never receive gradients or optimizer state.
-    """
+    ``parameters()``, so they never receive gradients or optimizer state."""
 
     adapter_layer_names = ("lora_sb_R",)
     other_param_names = (
@@ -211,8 +209,7 @@ class LoraSBLayer(ExtLayer):
 
 
 class LoraSBLinear(nn.Module, LoraSBLayer):
-    """LoRA-SB / LoRA-XS around a linear layer (``nn.Linear`` or a bitsandbytes 8-bit / 4-bit linear layer);
-    paper https://arxiv.org/abs/2411.19557, code https://github.com/RaghavSinghal10/lora-sb."""
+    """LoRA-SB / LoRA-XS around a linear layer (``nn.Linear`` or a bitsandbytes 8-bit / 4-bit linear layer)."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraSBConfig, **kwargs) -> None:
         nn.Module.__init__(self)

@@ -17,24 +17,17 @@ from .layer import LoraSBLayer, LoraSBLinear
 
 
 def layer_seed(seed: int, module_name: str) -> int:
-    """The generator seed of one layer: a stable function of the config's ``seed`` and the module's name (< 2**31).
-
-    LoRA-SB paper: https://arxiv.org/abs/2411.19557; official code https://github.com/RaghavSinghal10/lora-sb.
-    """
+    """The generator seed of one layer: a stable function of the config's ``seed`` and the module's name (< 2**31)."""
     return (seed * 1_000_003 + zlib.crc32(module_name.encode("utf-8"))) % 2**31
 
 
 def lora_sb_layers(model: nn.Module) -> list[LoraSBLayer]:
-    """All LoRA-SB layers inside ``model`` (a PeftModel, a LoraSBModel or any module holding them).
-
-    LoRA-SB paper: https://arxiv.org/abs/2411.19557; official code https://github.com/RaghavSinghal10/lora-sb.
-    """
+    """All LoRA-SB layers inside ``model`` (a PeftModel, a LoraSBModel or any module holding them)."""
     return [m for m in model.modules() if isinstance(m, LoraSBLayer)]
 
 
 class LoraSBModel(ExtModel):
-    """LoRA-SB / LoRA-XS tuner model (paper https://arxiv.org/abs/2411.19557, code
-    https://github.com/RaghavSinghal10/lora-sb). With ``init='gradient'`` run ``peft_ext.init.lora_sb_init`` on the
+    """LoRA-SB / LoRA-XS tuner model. With ``init='gradient'`` run ``peft_ext.init.lora_sb_init`` on the
     wrapped model before training."""
 
     prefix: str = "lora_sb_"

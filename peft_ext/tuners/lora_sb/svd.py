@@ -36,15 +36,14 @@ def low_rank_svd(
     generator: Optional[torch.Generator] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rank-``rank`` truncated SVD ``M ≈ U·diag(S)·Vh`` in float32 (for LoRA-XS / LoRA-SB,
-    https://arxiv.org/abs/2411.19557; code https://github.com/RaghavSinghal10/lora-sb).
+    ).
 
     ``niter=None`` computes the exact SVD (``torch.linalg.svd``); otherwise a randomized range finder with
     ``rank + oversample`` test vectors drawn on the CPU from ``generator`` and ``niter`` power iterations (QR
     re-orthogonalised), as in Halko et al. 2011. The exact SVD is also used whenever ``rank + oversample`` reaches
     ``min(M.shape)``. Signs are normalised (largest entry of each column of ``U`` positive).
 
-    Returns ``U`` (m×rank), ``S`` (rank,), ``Vh`` (rank×n), all float32 on ``M``'s device.
-    """
+    Returns ``U`` (m×rank), ``S`` (rank,), ``Vh`` (rank×n), all float32 on ``M``'s device."""
     M = M.detach().float()
     m, n = M.shape
     if not 1 <= rank <= min(m, n):
@@ -66,10 +65,7 @@ def low_rank_svd(
 
 
 def random_orthonormal(rows: int, cols: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """A ``rows×cols`` float32 CPU matrix with orthonormal columns (``rows >= cols``), from a seeded Gaussian's QR.
-
-    LoRA-SB paper: https://arxiv.org/abs/2411.19557; official code https://github.com/RaghavSinghal10/lora-sb.
-    """
+    """A ``rows×cols`` float32 CPU matrix with orthonormal columns (``rows >= cols``), from a seeded Gaussian's QR."""
     g = torch.randn((rows, cols), generator=generator, dtype=torch.float32)
     Q, Rq = torch.linalg.qr(g)
     return Q * torch.sign(torch.diagonal(Rq)).where(torch.diagonal(Rq) != 0, torch.ones(cols))

@@ -23,9 +23,7 @@ def parse_per_layer(config, name: str, value) -> Union[int, list[int]]:
     Accepted: an int >= 1 (every layer); a list of ints >= 1, one per decoder layer (the official code's
     ``--number_experts 2,2,...,8``); or a depth pattern string ``"2,4,6,8"``: the decoder layers are cut into as many
     contiguous groups of (near) equal size as there are values and group g uses value g (MoLA-▽ on 32 layers: layers
-    0-7 get 2, 8-15 get 4, 16-23 get 6, 24-31 get 8). Raises a ValueError naming the field otherwise. Paper:
-    https://arxiv.org/abs/2402.08562; official code https://github.com/GCYZSL/MoLA.
-    """
+    0-7 get 2, 8-15 get 4, 16-23 get 6, 24-31 get 8). Raises a ValueError naming the field otherwise."""
     allowed = "an int >= 1, a list of ints >= 1 (one per layer) or a depth pattern string such as '2,4,6,8'"
     if isinstance(value, bool):
         raise bad_value(config, name, value, allowed)
@@ -50,10 +48,7 @@ def parse_per_layer(config, name: str, value) -> Union[int, list[int]]:
 
 
 def pattern_values(value: str) -> list[int]:
-    """The integers of a depth pattern string such as ``"2,4,6,8"`` (also ``"2/4/6/8"``).
-
-    MoLA paper: https://arxiv.org/abs/2402.08562; official code https://github.com/GCYZSL/MoLA.
-    """
+    """The integers of a depth pattern string such as ``"2,4,6,8"`` (also ``"2/4/6/8"``)."""
     return [int(p.strip()) for p in value.replace("/", ",").split(",") if p.strip()]
 
 
@@ -62,8 +57,7 @@ def value_for_layer(config, name: str, value, layer_index: Optional[int], num_la
 
     See ``parse_per_layer`` for the forms; a list must have exactly one entry per layer, a pattern string of G values
     gives layer i the value ``pattern[i * G // num_layers]``. Modules outside a numbered layer list (no layer index)
-    only accept a plain int. Paper: https://arxiv.org/abs/2402.08562; official code https://github.com/GCYZSL/MoLA.
-    """
+    only accept a plain int."""
     if isinstance(value, int):
         return value
     if layer_index is None or not num_layers:

@@ -20,7 +20,7 @@ from .config import MolaConfig
 
 
 class MolaLayer(ExtLayer):
-    """MoLA tuner layer (paper https://arxiv.org/abs/2402.08562, official code https://github.com/GCYZSL/MoLA).
+    """MoLA tuner layer.
 
     Weights per adapter: ``mola_router`` (``Linear(in, E, bias=False)``, kaiming-uniform as ``nn.Linear``),
     ``mola_experts_down`` (the E experts' A stacked: ``[E·r, in]``, kaiming-uniform per row as in LoRA) and
@@ -35,8 +35,7 @@ class MolaLayer(ExtLayer):
     its experts (official: one per token and expert); the distribution of each expert's input is the same.
 
     After each forward ``last_load[adapter]`` holds the fraction of routing slots each expert received (``[E]``,
-    sums to k). Not mergeable: the update depends on the token through the router.
-    """
+    sums to k). Not mergeable: the update depends on the token through the router."""
 
     adapter_layer_names = ("mola_experts_down", "mola_experts_up", "mola_router")
     other_param_names = (
@@ -74,8 +73,7 @@ class MolaLayer(ExtLayer):
         """Create (or replace) adapter ``adapter_name`` with ``num_experts`` experts and ``top_k`` routing.
 
         ``num_experts`` / ``top_k`` are this layer's values (``MolaModel`` resolves per-layer patterns); when omitted,
-        the config must hold plain ints.
-        """
+        the config must hold plain ints."""
         if num_experts is None:
             num_experts = config.num_experts
         if top_k is None:
@@ -159,17 +157,14 @@ def balance_loss(probs: torch.Tensor, mask: torch.Tensor, top_k: int) -> torch.T
 
     ``E · Σ_e f_e · P̄_e`` with ``f_e`` the share of routing *slots* that picked expert e (``Σ_e f_e = 1``, i.e. the
     shared ``load_balance_loss`` divided by k) and ``P̄_e`` the mean router probability; minimum 1 for uniform
-    routing. ``probs`` / ``mask`` are ``[N, E]``. Paper https://arxiv.org/abs/2402.08562, official code
-    https://github.com/GCYZSL/MoLA (``src/mola_modeling_llama_hacked.py``).
-    """
+    routing. ``probs`` / ``mask`` are ``[N, E]``."""
     E = probs.shape[-1]
     f = mask.float().mean(0) / top_k
     return E * (f * probs.float().mean(0)).sum()
 
 
 class MolaLinear(nn.Module, MolaLayer):
-    """MoLA around a linear layer (``nn.Linear`` or a bitsandbytes 8-bit / 4-bit linear layer); paper
-    https://arxiv.org/abs/2402.08562, official code https://github.com/GCYZSL/MoLA."""
+    """MoLA around a linear layer (``nn.Linear`` or a bitsandbytes 8-bit / 4-bit linear layer)."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: MolaConfig, **kwargs) -> None:
         nn.Module.__init__(self)

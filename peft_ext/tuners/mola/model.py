@@ -23,9 +23,7 @@ def layer_index_of(key: str, layers_pattern=None) -> Optional[int]:
     """The decoder-layer index of module ``key`` (e.g. 3 for ``model.layers.3.self_attn.q_proj``), or None.
 
     With ``layers_pattern`` (a name or list of names of the layer list, e.g. ``"layers"``) the number after that name;
-    otherwise the first number component of the key (so ``model.layers.3.mlp.experts.5.up_proj`` is layer 3). Paper:
-    https://arxiv.org/abs/2402.08562; official code https://github.com/GCYZSL/MoLA (which passes the index explicitly).
-    """
+    otherwise the first number component of the key (so ``model.layers.3.mlp.experts.5.up_proj`` is layer 3)."""
     key = "." + key
     if layers_pattern:
         patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern)
@@ -39,28 +37,19 @@ def layer_index_of(key: str, layers_pattern=None) -> Optional[int]:
 
 
 def count_layers(model: nn.Module, layers_pattern=None) -> int:
-    """Number of decoder layers of ``model``: one more than the largest layer index among its modules (0 if none).
-
-    MoLA paper: https://arxiv.org/abs/2402.08562; official code https://github.com/GCYZSL/MoLA.
-    """
+    """Number of decoder layers of ``model``: one more than the largest layer index among its modules (0 if none)."""
     indices = [layer_index_of(name, layers_pattern) for name, _ in model.named_modules()]
     indices = [i for i in indices if i is not None]
     return max(indices) + 1 if indices else 0
 
 
 def mola_layers(model: nn.Module) -> list[MolaLayer]:
-    """All MoLA layers inside ``model`` (a PeftModel, a MolaModel or any module holding them).
-
-    MoLA paper: https://arxiv.org/abs/2402.08562; official code https://github.com/GCYZSL/MoLA.
-    """
+    """All MoLA layers inside ``model`` (a PeftModel, a MolaModel or any module holding them)."""
     return [m for m in model.modules() if isinstance(m, MolaLayer)]
 
 
 def experts_per_layer(model: nn.Module, adapter_name: str = "default") -> dict[Optional[int], int]:
-    """``{layer index: number of experts}`` of adapter ``adapter_name`` (checks the per-layer allocation).
-
-    MoLA paper: https://arxiv.org/abs/2402.08562; official code https://github.com/GCYZSL/MoLA.
-    """
+    """``{layer index: number of experts}`` of adapter ``adapter_name`` (checks the per-layer allocation)."""
     out = {}
     for layer in mola_layers(model):
         if adapter_name in layer.num_experts:
@@ -69,13 +58,12 @@ def experts_per_layer(model: nn.Module, adapter_name: str = "default") -> dict[O
 
 
 class MolaModel(ExtModel):
-    """MoLA tuner model (paper https://arxiv.org/abs/2402.08562, official code https://github.com/GCYZSL/MoLA).
+    """MoLA tuner model.
 
     Resolves ``num_experts`` / ``top_k`` for each adapted module from its decoder-layer index (list per layer or
     depth pattern, see ``MolaConfig``), and adds the weighted load-balancing loss to ``outputs.loss`` when labels are
     passed (``aux_loss()`` returns it after any forward with gradients). Per-expert loads of the last forward:
-    ``peft_ext.tuners._shared.routing.routing_statistics(model)``.
-    """
+    ``peft_ext.tuners._shared.routing.routing_statistics(model)``."""
 
     prefix: str = "mola_"
     tuner_layer_cls = MolaLayer
@@ -103,8 +91,7 @@ class MolaModel(ExtModel):
         ``balance_loss_scope='layer'`` (official): per decoder layer and adapter, the routing decisions of all its
         adapted modules are pooled (the official code concatenates their router logits) and one loss
         ``E·Σ_e f_e·P̄_e`` is computed; the losses are summed over layers and weighted. ``'module'``: the layers
-        recorded one loss each.
-        """
+        recorded one loss each."""
         terms = [t.float() for layer in self.tuner_layers() for t in layer.aux_losses]
         groups: dict = {}
         for layer in self.tuner_layers():

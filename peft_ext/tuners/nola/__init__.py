@@ -19,4 +19,5 @@ SPEC = MethodSpec(
     bench_variants=(("cache_bases=False (paper)", {"cache_bases": False}, None),),
 )
 
-__all__ = ["SPEC", "NolaConfig", "NolaLayer", "NolaLinear", "NolaModel", "a0_matrix", "all_bases", "basis_chunk", "layer_seed"]
+__all__ = ["SPEC", "NolaConfig", "NolaLayer", "NolaLinear", "NolaModel", "a0_matrix", "all_bases", "basis_chunk",
+           "layer_seed"]

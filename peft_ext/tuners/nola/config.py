@@ -29,8 +29,12 @@ class NolaConfig(ExtConfig):
 
     r: int = field(default=8, metadata={"help": "Rank of the reconstructed A (r×in) and B (out×r)."})
     lora_alpha: float = field(default=8, metadata={"help": "Scale numerator: ΔW = (lora_alpha / r)·B·A."})
-    num_basis_A: int = field(default=512, metadata={"help": "Number k_A of random bases (trainable coefficients) for A."})
-    num_basis_B: int = field(default=512, metadata={"help": "Number k_B of random bases (trainable coefficients) for B."})
+    num_basis_A: int = field(
+        default=512, metadata={"help": "Number k_A of random bases (trainable coefficients) for A."}
+    )
+    num_basis_B: int = field(
+        default=512, metadata={"help": "Number k_B of random bases (trainable coefficients) for B."}
+    )
     basis_seed: int = field(
         default=0,
         metadata={
@@ -57,5 +61,6 @@ class NolaConfig(ExtConfig):
             self.check_positive_int(name)
         self.check_positive("lora_alpha")
         self.check_probability("lora_dropout")
-        if isinstance(self.basis_seed, bool) or not isinstance(self.basis_seed, int) or not 0 <= self.basis_seed < 2**31:
+        seed = self.basis_seed
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
             raise bad_value(self, "basis_seed", self.basis_seed, "an integer in [0, 2**31)")

@@ -29,19 +29,13 @@ def basis_chunk(seed: int, stream: int, chunk: int, n: int, num_basis: int, shap
     """Bases ``chunk·basis_chunk … +n`` of one stream: ``U(-1, 1)/√num_basis``, shape ``(n, *shape)``, CPU float32.
 
     Generated from a local generator seeded with (layer seed, stream, chunk index), so any chunk can be regenerated
-    alone, bit-identically, on any machine.
-
-    NOLA paper: https://arxiv.org/abs/2310.02556; official code https://github.com/UCDvision/NOLA.
-    """
+    alone, bit-identically, on any machine."""
     u = torch.rand((n, *shape), generator=_generator(seed, stream, chunk), dtype=torch.float32)
     return (u * 2 - 1) / math.sqrt(num_basis)
 
 
 def all_bases(seed: int, stream: int, num_basis: int, shape: tuple[int, ...], chunk: int) -> torch.Tensor:
-    """All ``num_basis`` bases of a stream, shape ``(num_basis, *shape)``, CPU float32.
-
-    NOLA paper: https://arxiv.org/abs/2310.02556; official code https://github.com/UCDvision/NOLA.
-    """
+    """All ``num_basis`` bases of a stream, shape ``(num_basis, *shape)``, CPU float32."""
     parts = [
         basis_chunk(seed, stream, j, min(chunk, num_basis - start), num_basis, shape)
         for j, start in enumerate(range(0, num_basis, chunk))
@@ -50,10 +44,7 @@ def all_bases(seed: int, stream: int, num_basis: int, shape: tuple[int, ...], ch
 
 
 def a0_matrix(seed: int, r: int, in_features: int) -> torch.Tensor:
-    """The frozen part A0 of A: kaiming-uniform (a=√5), i.e. ``U(-1/√in, 1/√in)``, shape ``(r, in)``, CPU float32.
-
-    NOLA paper: https://arxiv.org/abs/2310.02556; official code https://github.com/UCDvision/NOLA.
-    """
+    """The frozen part A0 of A: kaiming-uniform (a=√5), i.e. ``U(-1/√in, 1/√in)``, shape ``(r, in)``, CPU float32."""
     u = torch.rand((r, in_features), generator=_generator(seed, STREAM_A0, 0), dtype=torch.float32)
     return (u * 2 - 1) / math.sqrt(in_features)
 
@@ -61,8 +52,7 @@ def a0_matrix(seed: int, r: int, in_features: int) -> torch.Tensor:
 class _RegeneratedCombination(torch.autograd.Function):
     """``Σᵢ cᵢ Rᵢ`` with the bases regenerated chunk by chunk in forward and again in backward, never stored.
 
-    The coefficient gradient is ``∂L/∂cᵢ = ⟨∂L/∂(Σ c R), Rᵢ⟩``.
-    """
+    The coefficient gradient is ``∂L/∂cᵢ = ⟨∂L/∂(Σ c R), Rᵢ⟩``."""
 
     @staticmethod
     def forward(coef, seed, stream, shape, chunk):
@@ -100,11 +90,10 @@ class _Coefficients(nn.Module):
 
 
 class NolaLayer(ExtLayer):
-    """NOLA tuner layer (paper https://arxiv.org/abs/2310.02556, code https://github.com/UCDvision/NOLA).
+    """NOLA tuner layer.
 
     Trainable: ``nola_coef_A[adapter].weight`` (k_A) and ``nola_coef_B[adapter].weight`` (k_B). Saved but not
-    trainable: ``nola_seed[adapter]``, the layer seed from which A0 and every basis regenerate.
-    """
+    trainable: ``nola_seed[adapter]``, the layer seed from which A0 and every basis regenerate."""
 
     adapter_layer_names = ("nola_coef_A", "nola_coef_B")
     other_param_names = ("r", "lora_alpha", "nola_seed", "nola_dropout", "cache_bases", "basis_chunk")
@@ -199,10 +188,7 @@ class NolaLayer(ExtLayer):
 
 
 class NolaLinear(nn.Module, NolaLayer):
-    """NOLA around a linear layer (``nn.Linear`` or a bitsandbytes 8-bit / 4-bit linear layer).
-
-    NOLA paper: https://arxiv.org/abs/2310.02556; official code https://github.com/UCDvision/NOLA.
-    """
+    """NOLA around a linear layer (``nn.Linear`` or a bitsandbytes 8-bit / 4-bit linear layer)."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: NolaConfig, **kwargs) -> None:
         nn.Module.__init__(self)

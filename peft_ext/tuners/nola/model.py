@@ -13,15 +13,12 @@ from .layer import NolaLayer, NolaLinear
 
 
 def layer_seed(basis_seed: int, module_name: str) -> int:
-    """The seed of one layer: a stable function of the config's ``basis_seed`` and the module's name (< 2**31).
-
-    NOLA paper: https://arxiv.org/abs/2310.02556; official code https://github.com/UCDvision/NOLA.
-    """
+    """The seed of one layer: a stable function of the config's ``basis_seed`` and the module's name (< 2**31)."""
     return (basis_seed * 1_000_003 + zlib.crc32(module_name.encode("utf-8"))) % 2**31
 
 
 class NolaModel(ExtModel):
-    """NOLA tuner model (paper https://arxiv.org/abs/2310.02556, code https://github.com/UCDvision/NOLA)."""
+    """NOLA tuner model."""
 
     prefix: str = "nola_"
     tuner_layer_cls = NolaLayer

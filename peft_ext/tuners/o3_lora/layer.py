@@ -7,7 +7,7 @@ https://github.com/GCYZSL/O3-LLM-UNLEARNING (``ScienceQA_expriment/src/lora_laye
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
@@ -21,7 +21,7 @@ Gate = Union[float, torch.Tensor]
 
 
 class O3LoraLayer(ExtLayer):
-    """O3 tuner layer (paper https://arxiv.org/abs/2407.10223, code https://github.com/GCYZSL/O3-LLM-UNLEARNING).
+    """O3 tuner layer.
 
     Weights: ``o3_lora_down[adapter]`` (A, r×in, kaiming-uniform) and ``o3_lora_up[adapter]`` (B, out×r, zeros).
     Saved, never trained: ``o3_lora_snapshots[adapter]`` (the frozen A matrices of earlier requests stacked row-wise,
@@ -32,8 +32,7 @@ class O3LoraLayer(ExtLayer):
     adapter -> gate. Without one it is 1 in training mode and ``merge_gate`` in eval mode. A gate of exactly 0 selects
     the base output (bit-identical; the branch is skipped for a scalar 0 and ``torch.where``-selected per row).
     The official layer also multiplies the base output by a gate ``w₀``, which its scripts always set to 1; this
-    layer has no ``w₀``.
-    """
+    layer has no ``w₀``."""
 
     adapter_layer_names = ("o3_lora_down", "o3_lora_up")
     other_param_names = (
@@ -135,31 +134,17 @@ class O3LoraLayer(ExtLayer):
         B = self.o3_lora_up[adapter]
         return B(A(self.o3_lora_dropout[adapter](x))) * self.scaling[adapter]
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        previous_dtype = x.dtype
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self.quantization_backend is not None:
-            result = self.quantization_backend.maybe_clone_base_result(result)
-        for adapter in self.active_adapters:
-            if not self._has_adapter(adapter):
-                continue
-            gate = self.gate(adapter, x)
-            if isinstance(gate, float) and gate == 0.0:
-                continue  # gate 0: the base output, bit for bit
-            x_in = self._cast_input_dtype(x, self.adapter_dtype(adapter))
-            out = self.adapter_forward(adapter, x_in).to(result.dtype)
-            if isinstance(gate, float):
-                result = result + out if gate == 1.0 else result + gate * out
-            else:
-                g = gate.to(result.dtype).unsqueeze(-1)
-                result = torch.where(g != 0, result + g * out, result)
-        return result.to(previous_dtype)
+    def add_adapter_output(self, adapter: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """``result + w₁·branch``; tokens whose gate is 0 keep ``result`` bit for bit."""
+        gate = self.gate(adapter, x)
+        if isinstance(gate, float) and gate == 0.0:
+            return result  # gate 0: the base output, bit for bit
+        x_in = self._cast_input_dtype(x, self.adapter_dtype(adapter))
+        out = self.adapter_forward(adapter, x_in).to(result.dtype)
+        if isinstance(gate, float):
+            return result + out if gate == 1.0 else result + gate * out
+        g = gate.to(result.dtype).unsqueeze(-1)
+        return torch.where(g != 0, result + g * out, result)
 
     # ----------------------------------------------------------------------------------------------- merge
     def lora_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -178,10 +163,7 @@ class O3LoraLayer(ExtLayer):
 
 
 class O3LoraLinear(nn.Module, O3LoraLayer):
-    """O3 LoRA around a linear layer (``nn.Linear`` or a bitsandbytes 8-bit / 4-bit linear layer).
-
-    O3 paper: https://arxiv.org/abs/2407.10223; official code https://github.com/GCYZSL/O3-LLM-UNLEARNING.
-    """
+    """O3 LoRA around a linear layer (``nn.Linear`` or a bitsandbytes 8-bit / 4-bit linear layer)."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: O3LoraConfig, **kwargs) -> None:
         nn.Module.__init__(self)

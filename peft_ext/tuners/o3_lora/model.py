@@ -28,10 +28,7 @@ _BLOCK = re.compile(r"^(.*?\.\d+)(?:\.|$)")
 
 
 def o3_layers(model: nn.Module) -> list[O3LoraLayer]:
-    """All O3 layers inside ``model`` (a PeftModel, an O3LoraModel or any module holding them).
-
-    Paper https://arxiv.org/abs/2407.10223; official code https://github.com/GCYZSL/O3-LLM-UNLEARNING.
-    """
+    """All O3 layers inside ``model`` (a PeftModel, an O3LoraModel or any module holding them)."""
     return [m for m in model.modules() if isinstance(m, O3LoraLayer)]
 
 
@@ -39,10 +36,8 @@ def block_key(module_name: str) -> str:
     """The transformer block a module belongs to: its name up to the first numeric component
     (``model.layers.3.self_attn.q_proj`` -> ``model.layers.3``); a name without one is its own block.
 
-    Counts the adapted blocks for the ``block_mean`` reduction of the O3 orthogonality loss
-    (https://arxiv.org/abs/2407.10223, https://github.com/GCYZSL/O3-LLM-UNLEARNING) when the model's number of decoder
-    layers is unknown (see ``O3LoraModel.orth_block_count``).
-    """
+    Counts the adapted blocks for the ``block_mean`` reduction of the O3 orthogonality loss when the model's number of
+    decoder layers is unknown (see ``O3LoraModel.orth_block_count``)."""
     match = _BLOCK.match(module_name)
     return match.group(1) if match else module_name
 
@@ -53,9 +48,7 @@ def normalize_ood_weight(value: Any, adapter_names, source: str = "ood_weight"):
     Accepted: None; a number; a 0-d tensor (both become a Python float); a real tensor with one value per sample
     (``[batch]``) or per token (``[batch, tokens]``; the shape is checked in each layer against its input); or a dict
     adapter name -> one of those. Values must be finite and >= 0: the nominal range is [0, 1], but the official O3
-    post-processing maps confident scores to 1.2, so values above 1 are accepted. Errors name ``ood_weight``.
-    Paper https://arxiv.org/abs/2407.10223; official code https://github.com/GCYZSL/O3-LLM-UNLEARNING.
-    """
+    post-processing maps confident scores to 1.2, so values above 1 are accepted. Errors name ``ood_weight``."""
     if value is None:
         return None
     if isinstance(value, dict):
@@ -89,7 +82,7 @@ def normalize_ood_weight(value: Any, adapter_names, source: str = "ood_weight"):
 
 
 class O3LoraModel(ExtModel):
-    """O3 tuner model (paper https://arxiv.org/abs/2407.10223, code https://github.com/GCYZSL/O3-LLM-UNLEARNING).
+    """O3 tuner model.
 
     * Per-call gate: ``model(input_ids, ood_weight=w)`` with ``w`` a number, a tensor ``[batch]`` (or per token) or
       a dict adapter -> gate; w = 0 gives the base output exactly. In eval mode without ``ood_weight``, a scorer set
@@ -107,14 +100,14 @@ class O3LoraModel(ExtModel):
     per-call gates (the merged gate is ``merge_gate``). Under DistributedDataParallel every trainable parameter gets
     gradient in a training step at gate 1 (B from the task loss, A from it and the orthogonality term); training
     with ``ood_weight=0`` leaves the adapter unused and needs ``find_unused_parameters=True``. Snapshot buffers are
-    identical on every rank, so DDP's buffer broadcast does not change them.
-    """
+    identical on every rank, so DDP's buffer broadcast does not change them."""
 
     prefix: str = "o3_lora_"
     tuner_layer_cls = O3LoraLayer
     layer_cls = O3LoraLinear
     call_args = ("ood_weight",)
-    token_inputs = {"ood_weight": "last"}  # per-token weights continue their last value; [batch] weights follow num_beams
+    # per-token weights continue their last value; [batch] weights follow num_beams
+    token_inputs = {"ood_weight": "last"}
     has_aux_loss = True
     _o3_gate_scorer: Optional[GateScorer] = None
 
@@ -127,8 +120,7 @@ class O3LoraModel(ExtModel):
         **kwargs)``) and returns what ``ood_weight=`` accepts: a number, a tensor ``[batch]`` or a dict adapter ->
         gate. It runs once per ``PeftModel`` call: in ``generate`` on the first forward (the whole prompt, after
         beam / num_return_sequences expansion) and that gate stays for every decoding step. The scorer is not saved
-        with the adapter (the O3 unlearning recipe supplies an OOD detector).
-        """
+        with the adapter (the O3 unlearning recipe supplies an OOD detector)."""
         if scorer is not None and not callable(scorer):
             raise ValueError(f"set_gate_scorer: scorer must be callable or None; got {type(scorer).__name__}.")
         self.__dict__["_o3_gate_scorer"] = scorer  # never registered as a submodule: not part of the state dict
@@ -224,8 +216,7 @@ class O3LoraModel(ExtModel):
         over modules by its config's ``orth_reduction``: ``Σ_modules Σ_j ‖A_j^prev · A_curᵀ‖_F² / divisor`` in fp32
         (``block_mean``: the divisor is ``orth_block_count``, every decoder layer of the model as in the official
         code — the paper does not say).
-        Gradient reaches only the adapter's own A. None when the adapter has no earlier request to be orthogonal to.
-        """
+        Gradient reaches only the adapter's own A. None when the adapter has no earlier request to be orthogonal to."""
         if adapter_name is None:
             active = list(self.active_adapters)
             if len(active) != 1:
@@ -269,7 +260,7 @@ class O3LoraModel(ExtModel):
         (``config.num_hidden_layers``) — the official code sums the per-layer terms and divides by every decoder layer
         it runs, adapted or not (``layers_to_transform`` does not shrink it) — or the number of adapted blocks when the
         model does not say or has more adapted blocks than that (e.g. encoder–decoder models, modules outside the layer
-        stack). O3 https://arxiv.org/abs/2407.10223, code https://github.com/GCYZSL/O3-LLM-UNLEARNING."""
+        stack)."""
         adapted = len({block_key(n) for n, layer in self._named_o3_layers() if adapter_name in layer.o3_lora_down})
         layers = getattr(getattr(self.model, "config", None), "num_hidden_layers", None)
         if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
@@ -305,8 +296,7 @@ class O3LoraModel(ExtModel):
         snapshots. ``source``: None (the adapter's own current A — the official workflow: call this when a request
         ends, then keep training the same LoRA on the next request), the name of another O3 adapter of this model,
         or a saved adapter folder / ``.safetensors`` file (O3 ``o3_lora_down`` or PEFT LoRA ``lora_A`` weights, as
-        the official scripts load earlier requests' LoRA folders). Modules the source did not adapt get zero rows.
-        """
+        the official scripts load earlier requests' LoRA folders). Modules the source did not adapt get zero rows."""
         name = adapter_name or self._single_active("snapshot_request")
         if name not in self.peft_config:
             raise ValueError(f"snapshot_request: adapter_name {name!r} is not an adapter of this model.")
@@ -366,26 +356,17 @@ def _tuner_of(model: nn.Module) -> O3LoraModel:
 
 
 def snapshot_request(model: nn.Module, adapter_name: Optional[str] = None, source=None) -> int:
-    """Freeze an earlier request's A into ``adapter_name``'s snapshots; see ``O3LoraModel.snapshot_request``.
-
-    O3 (https://arxiv.org/abs/2407.10223), official code https://github.com/GCYZSL/O3-LLM-UNLEARNING.
-    """
+    """Freeze an earlier request's A into ``adapter_name``'s snapshots; see ``O3LoraModel.snapshot_request``."""
     return _tuner_of(model).snapshot_request(adapter_name, source)
 
 
 def orthogonality_loss(model: nn.Module, adapter_name: Optional[str] = None) -> Optional[torch.Tensor]:
-    """The unweighted O3 orthogonality loss; see ``O3LoraModel.orthogonality_loss``.
-
-    O3 (https://arxiv.org/abs/2407.10223), official code https://github.com/GCYZSL/O3-LLM-UNLEARNING.
-    """
+    """The unweighted O3 orthogonality loss; see ``O3LoraModel.orthogonality_loss``."""
     return _tuner_of(model).orthogonality_loss(adapter_name)
 
 
 def set_gate_scorer(model: nn.Module, scorer: Optional[GateScorer]) -> None:
-    """Set the gate scorer used in eval mode when ``ood_weight`` is not passed; see ``O3LoraModel.set_gate_scorer``.
-
-    O3 (https://arxiv.org/abs/2407.10223), official code https://github.com/GCYZSL/O3-LLM-UNLEARNING.
-    """
+    """Set the gate scorer used in eval mode when ``ood_weight`` is not passed; see ``O3LoraModel.set_gate_scorer``."""
     _tuner_of(model).set_gate_scorer(scorer)
 
 
@@ -409,10 +390,9 @@ def start_new_request(
       requests, activate them together (``model.base_model.set_adapter([...])``) and pass one gate per adapter,
       ``ood_weight={"default": w1, "default_request2": w2}``.
 
-    The paper (https://arxiv.org/abs/2407.10223) does not say which of the two it means; the official code
-    (https://github.com/GCYZSL/O3-LLM-UNLEARNING, ``train_unlearn_lora.sh``) resumes. ``model`` is a PeftModel (use it
-    for "new_adapter", so PEFT's own active-adapter bookkeeping follows) or an O3LoraModel.
-    """
+    The paper does not say which of the two it means; the official code (``train_unlearn_lora.sh``) resumes. ``model``
+    is a PeftModel (use it
+    for "new_adapter", so PEFT's own active-adapter bookkeeping follows) or an O3LoraModel."""
     tuner = _tuner_of(model)
     name = adapter_name or tuner._single_active("start_new_request")
     if name not in tuner.peft_config:

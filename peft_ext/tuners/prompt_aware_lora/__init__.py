@@ -1,5 +1,6 @@
 """Prompt-aware LoRA: WavLLM's prompt-aware LoRA weight adapter, *WavLLM: Towards Robust and Adaptive Speech Large
-Language Model* (https://arxiv.org/abs/2404.00656); official code https://github.com/microsoft/SpeechT5 (``WavLLM/``)."""
+Language Model* (https://arxiv.org/abs/2404.00656); official code https://github.com/microsoft/SpeechT5
+(``WavLLM/``)."""
 
 import torch
 

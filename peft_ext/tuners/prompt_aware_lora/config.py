@@ -43,7 +43,8 @@ class PromptAwareLoraConfig(ExtConfig):
 
     r: int = field(default=8, metadata={"help": "LoRA rank r (paper: 8)."})
     lora_alpha: float = field(
-        default=32, metadata={"help": "α; the scale α/r is used in stage 1 and when no prompt scale applies (paper: 32)."}
+        default=32,
+        metadata={"help": "α; the scale α/r is used in stage 1 and when no prompt scale applies (paper: 32)."},
     )
     lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA input, in [0, 1) (paper: 0.1)."})
     scale_mode: str = field(
@@ -68,7 +69,9 @@ class PromptAwareLoraConfig(ExtConfig):
     )
     hidden_size: Optional[int] = field(
         default=None,
-        metadata={"help": "Width d of H; None: the model config's hidden_size (or the width found from hidden_module)."},
+        metadata={
+            "help": "Width d of H; None: the model config's hidden_size (or the width found from hidden_module)."
+        },
     )
     stage: int = field(
         default=2,
@@ -94,7 +97,8 @@ class PromptAwareLoraConfig(ExtConfig):
     no_prompt: str = field(
         default="error",
         metadata={
-            "help": "What a stage-2 call without prompt_mask= does (a call that continues a KV cache keeps its scales). "
+            "help": "What a stage-2 call without prompt_mask= does (a call that continues a KV cache keeps its "
+            "scales). "
             "'error' (default): raise, so no model is trained or evaluated with scales that see future tokens. "
             "'fixed': the plain LoRA scale α/r, no prompt pass (the adapter gets no gradient from such calls). "
             "'whole_input': every (attended) input token is the prompt; NOT CAUSAL: later tokens (the labels, under "

@@ -18,8 +18,7 @@ from .config import PromptAwareLoraConfig
 
 
 class PromptAwareLoraLayer(ExtLayer):
-    """Prompt-aware LoRA tuner layer (WavLLM, https://arxiv.org/abs/2404.00656; official code
-    https://github.com/microsoft/SpeechT5, ``WavLLM/``).
+    """Prompt-aware LoRA tuner layer (WavLLM).
 
     Weights: ``prompt_aware_lora_down[adapter]`` (A, r×in, kaiming-uniform), ``prompt_aware_lora_up[adapter]``
     (B, out×r, zeros) and, with ``scale_mode='rank'``, ``prompt_aware_lora_head[adapter]`` (d → r). The model-level
@@ -30,8 +29,8 @@ class PromptAwareLoraLayer(ExtLayer):
     * ``'output'`` (official ``Attention_LoRA``): ``c = clamp(ReLU(p), max=clamp) ∈ R^d``, ``Δ = (drop(x)AᵀBᵀ) ⊙ c``;
 
     stage 1, or ``prompt_vec[adapter] is None`` (``no_prompt='fixed'`` without a prompt): ``Δ = (α/r)·drop(x)AᵀBᵀ``.
-    During the model's prompt pass (``_prompt_pass``) the layer is the base layer, as the official ``is_prompt=True``.
-    """
+    During the model's prompt pass (``_prompt_pass``) the layer is the base layer, as the official
+    ``is_prompt=True``."""
 
     adapter_layer_names = ("prompt_aware_lora_down", "prompt_aware_lora_up", "prompt_aware_lora_head")
     other_param_names = ("r", "lora_alpha", "scale_mode", "clamp", "stage", "prompt_aware_lora_dropout")
@@ -172,8 +171,7 @@ class PromptAwareLoraLayer(ExtLayer):
 
 
 class PromptAwareLoraLinear(nn.Module, PromptAwareLoraLayer):
-    """Prompt-aware LoRA around a linear layer (``nn.Linear`` or a bitsandbytes 8-bit / 4-bit linear layer); WavLLM
-    https://arxiv.org/abs/2404.00656, official code https://github.com/microsoft/SpeechT5 (``WavLLM/``)."""
+    """Prompt-aware LoRA around a linear layer (``nn.Linear`` or a bitsandbytes 8-bit / 4-bit linear layer); WavLLM"""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: PromptAwareLoraConfig, **kwargs) -> None:
         nn.Module.__init__(self)

@@ -27,14 +27,13 @@ class _PromptCaptured(Exception):
 
 
 class PromptPooler(nn.Module):
-    """WavLLM's prompt adapter (https://arxiv.org/abs/2404.00656; official ``scale_fc_1``, ``scale_fc_2``,
-    ``scale_weight_attention`` in https://github.com/microsoft/SpeechT5, ``WavLLM/wavllm/models/llama.py``):
+    """WavLLM's prompt adapter (official ``scale_fc_1``, ``scale_fc_2``, ``scale_weight_attention`` in
+    ``WavLLM/wavllm/models/llama.py``):
     ``S = fc2(GELU(fc1(H)))``, ``a = softmax_T(score(S))`` over the valid prompt tokens, returns ``p = Σ_t a_t S_t``.
 
     ``score`` has no bias: softmax is shift-invariant, so the official ``Linear(d, 1)`` bias never changes the output
     and never receives a gradient. Padding positions (``valid`` False) are left out of the softmax (the official code
-    runs unpadded prompts).
-    """
+    runs unpadded prompts)."""
 
     def __init__(self, hidden_size: int, adapter_hidden: int):
         super().__init__()
@@ -50,17 +49,18 @@ class PromptPooler(nn.Module):
 
 
 def prompt_aware_lora_layers(model: nn.Module) -> list[PromptAwareLoraLayer]:
-    """All prompt-aware LoRA layers inside ``model`` (a PeftModel, a PromptAwareLoraModel or any module); WavLLM
-    https://arxiv.org/abs/2404.00656, official code https://github.com/microsoft/SpeechT5 (``WavLLM/``)."""
+    """All prompt-aware LoRA layers inside ``model`` (a PeftModel, a PromptAwareLoraModel or any module)."""
     return [m for m in model.modules() if isinstance(m, PromptAwareLoraLayer)]
 
 
 def set_stage(model: nn.Module, stage: int, adapter_name: Optional[str] = None) -> None:
     """Switch WavLLM's curriculum stage of ``adapter_name`` (default: the active adapters) on ``model`` (a PeftModel
-    or PromptAwareLoraModel): 1 = plain LoRA with α/r, 2 = prompt-aware scales (https://arxiv.org/abs/2404.00656).
+    or PromptAwareLoraModel): 1 = plain LoRA with α/r, 2 = prompt-aware scales.
     The stage is recorded in the adapter's config, so ``save_pretrained`` keeps it. Official code:
-    https://github.com/microsoft/SpeechT5 (``WavLLM/``, ``second_stage_update_scale``)."""
-    tuner = model.base_model if hasattr(model, "base_model") and isinstance(model.base_model, PromptAwareLoraModel) else model
+    ``WavLLM/``, ``second_stage_update_scale``."""
+    tuner = getattr(model, "base_model", None)
+    if not isinstance(tuner, PromptAwareLoraModel):
+        tuner = model
     if not isinstance(tuner, PromptAwareLoraModel):
         raise ValueError("set_stage: the model has no prompt-aware LoRA adapter.")
     tuner.set_stage(stage, adapter_name)
@@ -78,8 +78,7 @@ def _cache_length(past) -> int:
 
 
 class PromptAwareLoraModel(ExtModel):
-    """Prompt-aware LoRA tuner model (WavLLM, https://arxiv.org/abs/2404.00656; official code
-    https://github.com/microsoft/SpeechT5, ``WavLLM/``).
+    """Prompt-aware LoRA tuner model (WavLLM).
 
     Every forward through ``PeftModel`` (and every ``generate``) first runs a prompt pass: the frozen model with the
     LoRA switched off, under ``no_grad``, over the prompt tokens only (``prompt_mask=`` picks them per sample; they
@@ -92,8 +91,7 @@ class PromptAwareLoraModel(ExtModel):
     non-empty KV cache keeps the scales of the call that started it, and ignores a ``prompt_mask`` it is given
     (``generate`` computes them once, as the official ``forward_generate`` at ``start_pos == 0``). Models without a
     token axis (hidden states ``[rows, d]``) pool over all rows of the call: one prompt, one scale vector for the call.
-    Use non-reentrant gradient checkpointing.
-    """
+    Use non-reentrant gradient checkpointing."""
 
     prefix: str = "prompt_aware_lora_"
     tuner_layer_cls = PromptAwareLoraLayer
@@ -134,13 +132,16 @@ class PromptAwareLoraModel(ExtModel):
     def _resolve_source(self, model: nn.Module, config: PromptAwareLoraConfig) -> tuple[str, str, int]:
         """(kind 'output' | 'input', module name, width d) of the prompt representation for ``config``."""
         if config.hidden_module is not None:
-            names = [n for n, _ in model.named_modules() if n == config.hidden_module or n.endswith("." + config.hidden_module)]
+            wanted = config.hidden_module
+            names = [n for n, _ in model.named_modules() if n == wanted or n.endswith("." + wanted)]
             if not names:
-                raise bad_value(config, "hidden_module", config.hidden_module, "the name (or suffix) of a module of the model")
+                raise bad_value(config, "hidden_module", config.hidden_module,
+                                "the name (or suffix) of a module of the model")
             module = model.get_submodule(names[-1])
             d = config.hidden_size or self._model_hidden_size(model) or getattr(module, "out_features", None)
             if d is None:
-                raise bad_value(config, "hidden_size", None, "set: the width of hidden_module's output could not be found")
+                raise bad_value(config, "hidden_size", None,
+                                "set: the width of hidden_module's output could not be found")
             return "output", names[-1], int(d)
         lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
         d = config.hidden_size or self._model_hidden_size(model)
@@ -336,7 +337,8 @@ class PromptAwareLoraModel(ExtModel):
         if bool((lengths == 0).any()):
             raise ValueError("prompt_mask must mark at least one prompt token in every sample.")
         width = int(lengths.max())
-        order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :width]  # prompt tokens first, in order
+        # prompt tokens first, in order
+        order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :width]
         if key == "input_ids":
             gathered = torch.gather(source, 1, order)
         else:
@@ -397,8 +399,8 @@ class PromptAwareLoraModel(ExtModel):
                 v = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
             if tuple(v.shape) != tuple(h.shape[:2]):
                 raise ValueError(
-                    f"prompt_aware_lora: the prompt states have shape {tuple(h.shape)}, which does not match the prompt "
-                    f"mask {tuple(v.shape)}; set hidden_module to a module whose output is [batch, tokens, d]."
+                    f"prompt_aware_lora: the prompt states have shape {tuple(h.shape)}, which does not match the "
+                    f"prompt mask {tuple(v.shape)}; set hidden_module to a module whose output is [batch, tokens, d]."
                 )
             out[key] = (h, v)
         return out

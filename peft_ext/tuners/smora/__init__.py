@@ -5,7 +5,7 @@ from .config import SmoraConfig
 from .layer import SmoraLayer, SmoraLinear
 from .model import SmoraModel, smora_layers, update_smora_bias
 from ...spec import MethodSpec
-from ...callbacks.smora import SmoraBiasCallback  # after the names it imports from this package
+from .callback import SmoraBiasCallback
 
 SPEC = MethodSpec(
     name="smora",

@@ -34,12 +34,18 @@ class SmoraConfig(ExtConfig):
 
     method_name: ClassVar[str] = "smora"
 
-    r: int = field(default=8, metadata={"help": "Total LoRA rank = number of rank experts (paper setting UNCERTAIN, e.g. 64)."})
+    r: int = field(
+        default=8, metadata={"help": "Total LoRA rank = number of rank experts (paper setting UNCERTAIN, e.g. 64)."}
+    )
     lora_alpha: float = field(default=16, metadata={"help": "Scale numerator α; the branch is scaled by α/r."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input, in [0, 1); the router sees x."})
+    lora_dropout: float = field(
+        default=0.0, metadata={"help": "Dropout on the LoRA input, in [0, 1); the router sees x."}
+    )
     top_k: int = field(
         default=4,
-        metadata={"help": "Rank experts (or blocks) each token activates, 1..r/block_size (paper UNCERTAIN, e.g. 8 of 64)."},
+        metadata={
+            "help": "Rank experts (or blocks) each token activates, 1..r/block_size (paper UNCERTAIN, e.g. 8 of 64)."
+        },
     )
     block_size: int = field(
         default=1,
@@ -50,7 +56,9 @@ class SmoraConfig(ExtConfig):
     )
     gate_fn: str = field(
         default="sigmoid",
-        metadata={"help": "Score function of the router logits: 'sigmoid' (σ(W_g x), default) or 'softmax' (UNCERTAIN)."},
+        metadata={
+            "help": "Score function of the router logits: 'sigmoid' (σ(W_g x), default) or 'softmax' (UNCERTAIN)."
+        },
     )
     normalize_gates: bool = field(
         default=False,

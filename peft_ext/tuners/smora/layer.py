@@ -19,7 +19,7 @@ from .config import SmoraConfig
 
 
 class SmoraLayer(ExtLayer):
-    """SMoRA tuner layer (paper https://arxiv.org/abs/2501.15103; no public code).
+    """SMoRA tuner layer.
 
     Weights per adapter: ``smora_down`` (A, ``[r, in]``, kaiming-uniform), ``smora_up`` (B, ``[out, r]``, zeros),
     ``smora_router`` (W_g, ``[r/block_size, in]``, no bias, kaiming-uniform) and the persistent buffer
@@ -30,8 +30,7 @@ class SmoraLayer(ExtLayer):
     ``g = s`` on them (``s + b`` with ``bias_in_gate``; optionally normalised to sum 1) and 0 elsewhere;
     ``h = drop(x) Aᵀ`` (one GEMM), ``h`` times ``g`` repeated over each block's ranks, ``y = (α/r)·h Bᵀ``.
     ``last_load[adapter]`` holds each expert's share of the routing slots of the last forward (sums to k); in training
-    mode the selections are also accumulated for the next bias update.
-    """
+    mode the selections are also accumulated for the next bias update."""
 
     adapter_layer_names = ("smora_down", "smora_up", "smora_router")
     other_param_names = (
@@ -136,9 +135,8 @@ class SmoraLayer(ExtLayer):
         """Apply ``b_i ← b_i + u·sign(mean load − load_i)`` from the accumulated load and reset it.
 
         Under-loaded experts get a higher bias, over-loaded ones a lower one (DeepSeek-V3 style; the sign convention
-        and ``u`` are UNCERTAIN for SMoRA, https://arxiv.org/abs/2501.15103). Returns the load used, or None when
-        nothing was accumulated. ``rate`` overrides the config's ``bias_update_rate``.
-        """
+        and ``u`` are UNCERTAIN for SMoRA). Returns the load used, or None when
+        nothing was accumulated. ``rate`` overrides the config's ``bias_update_rate``."""
         load = self.accumulated_load(adapter)
         if load is None:
             return None
@@ -157,8 +155,7 @@ class SmoraLayer(ExtLayer):
 
 
 class SmoraLinear(nn.Module, SmoraLayer):
-    """SMoRA around a linear layer (``nn.Linear`` or a bitsandbytes 8-bit / 4-bit linear layer); paper
-    https://arxiv.org/abs/2501.15103, no public code."""
+    """SMoRA around a linear layer (``nn.Linear`` or a bitsandbytes 8-bit / 4-bit linear layer)."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: SmoraConfig, **kwargs) -> None:
         nn.Module.__init__(self)

@@ -16,10 +16,7 @@ from .layer import SmoraLayer, SmoraLinear
 
 
 def smora_layers(model: nn.Module) -> list[SmoraLayer]:
-    """All SMoRA layers inside ``model`` (a PeftModel, a SmoraModel or any module holding them).
-
-    SMoRA paper: https://arxiv.org/abs/2501.15103; no public code.
-    """
+    """All SMoRA layers inside ``model`` (a PeftModel, a SmoraModel or any module holding them)."""
     return [m for m in model.modules() if isinstance(m, SmoraLayer)]
 
 
@@ -29,9 +26,7 @@ def _all_reduce_load(pairs: list) -> None:
     Under ``torch.distributed`` each rank counts only its own micro-batches; without this every rank would move its
     bias by its own load and the replicas would drift apart (DDP's ``broadcast_buffers`` keeps only rank 0's). One
     all-reduce of one flat float64 tensor (exact counts), in the same ``(layer, adapter)`` order on every rank, on the
-    device of the SMoRA buffers (the model's device: CUDA under NCCL). SMoRA https://arxiv.org/abs/2501.15103; no
-    public code.
-    """
+    device of the SMoRA buffers (the model's device: CUDA under NCCL)."""
     import torch.distributed as dist
 
     if not pairs or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -58,8 +53,7 @@ def update_smora_bias(
     ``adapter_name``: only that adapter (default: every adapter that accumulated load). Returns ``{module name:
     load used}`` for the layers updated. When ``torch.distributed`` is initialised, the load of all processes is summed
     first (one all-reduce), so every rank applies the same update from the global load; every rank must then call this
-    at the same step. Paper https://arxiv.org/abs/2501.15103; no public code.
-    """
+    at the same step."""
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, SmoraLayer)]
     if not layers:
         raise ValueError("update_smora_bias: the model has no SMoRA layers.")
@@ -79,11 +73,10 @@ def update_smora_bias(
 
 
 class SmoraModel(ExtModel):
-    """SMoRA tuner model (paper https://arxiv.org/abs/2501.15103; no public code).
+    """SMoRA tuner model.
 
     No auxiliary loss: balance comes from the selection bias, updated by ``peft_ext.callbacks.smora.SmoraBiasCallback``
-    (or ``update_smora_bias(model)`` in a hand-written loop) once per optimizer step.
-    """
+    (or ``update_smora_bias(model)`` in a hand-written loop) once per optimizer step."""
 
     prefix: str = "smora_"
     tuner_layer_cls = SmoraLayer

@@ -9,7 +9,7 @@ from .config import SwitchLoraConfig
 from .layer import SwitchLoraBank, SwitchLoraLayer, SwitchLoraLinear, SwitchLoraTrack, init_bounds
 from .model import SwitchLoraModel, switchlora_layers
 from ...spec import MethodSpec
-from ...callbacks.switchlora import SwitchLoraCallback  # after the names it imports from this package
+from .callback import SwitchLoraCallback
 
 
 SPEC = MethodSpec(

@@ -21,13 +21,12 @@ from .config import SwitchLoraConfig
 
 
 def init_bounds(in_features: int, out_features: int, r: int, paper: bool = True) -> tuple[float, float]:
-    """Uniform bounds (√3·std) of A and B (and of their candidates) for SwitchLoRA (https://arxiv.org/abs/2406.06564,
-    official code https://github.com/asfsdsf/SwitchLoRA, ``get_init_lora_bound``).
+    """Uniform bounds (√3·std) of A and B (and of their candidates) for SwitchLoRA (official
+    ``get_init_lora_bound``).
 
     ``paper=True``: ``std_A = ((√m·r)/n^{3/2})^{1/4}·√gain``, ``std_B = (r/√(mn))^{1/4}·√gain`` with ``m = out``,
     ``n = in``, ``gain = √(1/3)`` (torch's leaky-ReLU gain for slope √5). ``paper=False``: the official
-    ``origin_lora`` init, ``std_A = gain/√n`` (kaiming-uniform) and ``std_B = 0``.
-    """
+    ``origin_lora`` init, ``std_A = gain/√n`` (kaiming-uniform) and ``std_B = 0``."""
     m, n = out_features, in_features
     gain = math.sqrt(1.0 / 3.0)
     if paper:
@@ -41,8 +40,7 @@ def init_bounds(in_features: int, out_features: int, r: int, paper: bool = True)
 class SwitchLoraBank(nn.Module):
     """The two frozen candidate banks of one adapter on one layer: ``a`` (N×in, candidate rows of A) and ``b``
     (N×out, candidate columns of B). Slots currently used by A / B hold stale copies; a switched-out vector is
-    written back into its own slot. Persistent buffers, saved with the adapter so that training can resume.
-    SwitchLoRA: https://arxiv.org/abs/2406.06564; official code https://github.com/asfsdsf/SwitchLoRA."""
+    written back into its own slot. Persistent buffers, saved with the adapter so that training can resume."""
 
     def __init__(self, a: torch.Tensor, b: torch.Tensor):
         super().__init__()
@@ -57,8 +55,6 @@ class SwitchLoraTrack(nn.Module):
     * ``frozen_a`` / ``frozen_b`` (r,): optimizer steps the row / column stays frozen (zero gradient),
     * ``cursor`` (2,): next position of A and of B to switch (the official code's ``candidate_A/B_index``),
     * ``switched`` (): vectors switched so far (A-rows + B-columns); > 0 means the base weight was rewritten.
-
-    SwitchLoRA: https://arxiv.org/abs/2406.06564; official code https://github.com/asfsdsf/SwitchLoRA.
     """
 
     def __init__(self, slot_a: torch.Tensor, slot_b: torch.Tensor, cursor_b: int):
@@ -79,7 +75,7 @@ def _layer_generator(seed: Optional[int], key: str) -> Optional[torch.Generator]
 
 
 class SwitchLoraLayer(ExtLayer):
-    """SwitchLoRA tuner layer (paper https://arxiv.org/abs/2406.06564, code https://github.com/asfsdsf/SwitchLoRA).
+    """SwitchLoRA tuner layer.
 
     Weights: ``switchlora_down[adapter]`` (A, r×in) and ``switchlora_up[adapter]`` (B, out×r); the branch is
     ``s·x Aᵀ Bᵀ`` with ``s = α/r``. ``switchlora_bank[adapter]`` holds the candidate banks, ``switchlora_track``
@@ -96,8 +92,7 @@ class SwitchLoraLayer(ExtLayer):
 
     The candidate banks stay float32 whatever the base dtype (PEFT's device move would cast them to a bfloat16 base's
     dtype and round every switched-out vector), so with float32 A and B (PEFT's default ``autocast_adapter_dtype``)
-    a switch moves vectors between A / B and the banks without rounding.
-    """
+    a switch moves vectors between A / B and the banks without rounding."""
 
     adapter_layer_names = ("switchlora_down", "switchlora_up")
     other_param_names = (
@@ -229,8 +224,7 @@ class SwitchLoraLayer(ExtLayer):
         """The most vectors of each kind ``switch`` may take now (the official code's ``available_num``).
 
         The A cursor may not reach the A-rows frozen behind the B cursor (and vice versa), and no more than
-        ``N − r`` candidates exist.
-        """
+        ``N − r`` candidates exist."""
         track = self.switchlora_track[adapter]
         r = self.r[adapter]
         free = self.switchlora_bank[adapter].a.shape[0] - r
@@ -249,8 +243,7 @@ class SwitchLoraLayer(ExtLayer):
         ``A[i] ← c``, and B-column i (the partner) is frozen for ``adam_warm_step`` steps. Then the same for B-columns
         j (``W += s·(b_j − c)·A[j]``, with A after its own switch), freezing A-row j. The layer's output
         ``xWᵀ + s·xAᵀBᵀ`` is unchanged up to float rounding. New candidates are taken after the previously selected
-        slot (the official "continuous" selection).
-        """
+        slot (the official "continuous" selection)."""
         A_param = self.switchlora_down[adapter].weight
         B_param = self.switchlora_up[adapter].weight
         dev = A_param.device
@@ -322,8 +315,7 @@ class SwitchLoraLayer(ExtLayer):
 
 
 class SwitchLoraLinear(nn.Module, SwitchLoraLayer):
-    """SwitchLoRA around a full-precision ``nn.Linear`` (quantized bases are refused: switching rewrites W).
-    Paper https://arxiv.org/abs/2406.06564, official code https://github.com/asfsdsf/SwitchLoRA."""
+    """SwitchLoRA around a full-precision ``nn.Linear`` (quantized bases are refused: switching rewrites W)."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: SwitchLoraConfig, **kwargs) -> None:
         nn.Module.__init__(self)

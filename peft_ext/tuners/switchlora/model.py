@@ -15,13 +15,12 @@ from .layer import SwitchLoraLayer, SwitchLoraLinear
 
 
 def switchlora_layers(model: nn.Module) -> list[SwitchLoraLayer]:
-    """All SwitchLoRA layers inside ``model`` (a PeftModel, a SwitchLoraModel or any module holding them).
-    SwitchLoRA: https://arxiv.org/abs/2406.06564; official code https://github.com/asfsdsf/SwitchLoRA."""
+    """All SwitchLoRA layers inside ``model`` (a PeftModel, a SwitchLoraModel or any module holding them)."""
     return [m for m in model.modules() if isinstance(m, SwitchLoraLayer)]
 
 
 class SwitchLoraModel(ExtModel):
-    """SwitchLoRA tuner model (paper https://arxiv.org/abs/2406.06564, code https://github.com/asfsdsf/SwitchLoRA).
+    """SwitchLoRA tuner model.
 
     Switching, and the initial compensation ``W −= s·B₀A₀`` (``compensate_init``, default, as the official
     ``layer2lora``), rewrite the base weight of the targeted layers, so the adapter is not separable from its base:
@@ -32,8 +31,7 @@ class SwitchLoraModel(ExtModel):
     ``delete_adapter()`` keep the rewritten weight: with compensation, ``disable_adapter()`` gives ``W − s·B₀A₀``
     from the start, not the original base. Several SwitchLoRA adapters on one model share the base weights they
     rewrite (each compensated adapter subtracts its own start, which changes what the others compute): train one at
-    a time.
-    """
+    a time."""
 
     prefix: str = "switchlora_"
     tuner_layer_cls = SwitchLoraLayer
