@@ -233,7 +233,8 @@ def test_prompt_aware_recipe_pools_over_the_question_only(tmp_path):
 
 
 def test_trainer_recipes_run_through_the_command(tmp_path):
-    """`trainer:` recipes go to peft_ext.trainers.run: two mrDPO rounds, each recorded, and the final adapter written."""
+    """`trainer:` recipes go to peft_ext.trainers.run: two mrDPO rounds, each recorded, and the final adapter
+    written."""
     out = tmp_path / "mrdpo"
     assert cli.main(["train", str(ROOT / "recipes" / "tiny_mrdpo.yaml"), "--set", f"output_dir={out}", "--quiet"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
