@@ -404,7 +404,6 @@ def mtp_layout(
     anchors: Optional[torch.Tensor],
     num_masks: int,
     past: int = 0,
-    past_positions: Optional[torch.Tensor] = None,
     cached: bool = False,
 ) -> dict:
     """Inputs of one MTP forward (https://arxiv.org/abs/2507.11851): regular tokens ``input_ids`` ``[B, T]`` followed by
@@ -413,14 +412,13 @@ def mtp_layout(
 
     ``past``: keys already in the KV cache (all attended). ``cached=True``: the regular tokens themselves are already in
     the cache (they were the previous forward, e.g. training's no-grad pass): the queries are the masks only and the
-    keys are ``[regular tokens, masks]``. Regular positions: ``past_positions + cumsum(valid) - 1`` (left padding); mask
+    keys are ``[regular tokens, masks]``. Regular positions: ``past + cumsum(valid) - 1`` (left padding); mask
     ``d`` after regular ``i`` sits at ``pos(i) + d + 1``. Padding queries attend themselves only, so no row of the mask
     is empty."""
     B, T = input_ids.shape
     device = input_ids.device
     valid = torch.ones_like(input_ids, dtype=torch.bool) if valid is None else valid.bool()
-    start = torch.full((B, 1), past, device=device) if past_positions is None else past_positions.view(B, 1)
-    reg_pos = start + valid.long().cumsum(1) - 1
+    reg_pos = past + valid.long().cumsum(1) - 1
     reg_pos = torch.where(valid, reg_pos, torch.zeros_like(reg_pos))
     nb = 0 if anchors is None else anchors.numel()
     k = num_masks
