@@ -89,7 +89,8 @@ def find_layers(model: nn.Module, layers_attr: Optional[str] = None) -> tuple:
     ``"model.layers"``). Without it: the first of the usual paths (``model.layers``, ``transformer.h``, ...) that is a
     ModuleList, else the longest ModuleList in the model.
 
-    LISA paper: https://arxiv.org/abs/2403.17919; official code https://github.com/OptimalScale/LMFlow."""
+    LISA paper: https://arxiv.org/abs/2403.17919; official code https://github.com/OptimalScale/LMFlow.
+    """
     base = _unwrap_peft(model)
     prefix = "" if base is model else next(n for n, m in model.named_modules() if m is base)
     candidates = [layers_attr] if layers_attr else list(_COMMON_LAYER_PATHS)
@@ -157,7 +158,8 @@ class LisaCallback(TrainerCallback):
         reset_state: delete the optimizer state and ``.grad`` of parameters switched off (default True; the official
             callback keeps them: ``False``).
         mode: ``"full"``, ``"adapter"`` or ``"hybrid"``; ``None`` (default): ``"adapter"`` when the model has PEFT
-            tuner layers, else ``"full"``."""
+            tuner layers, else ``"full"``.
+    """
 
     def __init__(
         self,
@@ -296,7 +298,8 @@ class LisaCallback(TrainerCallback):
         """The active blocks of interval ``interval`` (steps ``interval*K .. interval*K + K-1``), sorted.
 
         Equal to the ``(interval+1)``-th ``np.random.choice(L, γ, replace=False)`` after ``np.random.seed(seed)``
-        (the official callback's draws), computed from ``(seed, interval)`` alone."""
+        (the official callback's draws), computed from ``(seed, interval)`` alone.
+        """
         self._setup()
         if self._rng is None or interval <= self._rng_interval:
             self._rng, self._rng_interval = np.random.RandomState(self.seed), -1
@@ -334,7 +337,8 @@ class LisaCallback(TrainerCallback):
 
         Switches only when the step enters a new interval (``global_step // K`` changed, which includes step 0 and the
         first step of a resumed run). ``optimizer`` (or the one given before) is checked to hold every parameter
-        LISA can switch on (once) and is cleaned of switched-off parameters (``reset_state``)."""
+        LISA can switch on (once) and is cleaned of switched-off parameters (``reset_state``).
+        """
         self._setup()
         if optimizer is not None:
             self.optimizer = optimizer
@@ -388,6 +392,7 @@ def lisa_parameters(model: nn.Module, mode: Optional[str] = None, layers_attr: O
     Call it before training (on a PEFT model, while only the adapters require grad: that is how adapter weights are
     told from base weights). Example: ``torch.optim.AdamW(lisa_parameters(model, mode="hybrid"), lr=...)``.
 
-    LISA paper: https://arxiv.org/abs/2403.17919; official code https://github.com/OptimalScale/LMFlow."""
+    LISA paper: https://arxiv.org/abs/2403.17919; official code https://github.com/OptimalScale/LMFlow.
+    """
     return LisaCallback(model, n_layers=1, layers_attr=layers_attr, always_train=always_train,
                         mode=mode).candidate_parameters()

@@ -63,7 +63,8 @@ class LoraGAInit:
 
     LoRA-GA: https://arxiv.org/abs/2407.05000; official code https://github.com/Outsider565/LoRA-GA. Needed to turn
     the trained adapter into a LoRA of the original base (:func:`lora_ga_to_lora`) and to re-apply the weight offset
-    to a fresh base (:func:`apply_lora_ga_offset`). ``save`` / ``load`` use one safetensors file."""
+    to a fresh base (:func:`apply_lora_ga_offset`). ``save`` / ``load`` use one safetensors file.
+    """
 
     adapter_name: str
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
@@ -177,7 +178,8 @@ def estimate_lora_ga_gradients(
     gradients while this runs; every ``requires_grad`` flag and the train/eval mode are restored afterwards.
     ``train_mode=True`` runs the model in train mode as the official code does (dropout active, if the model has
     any). ``all_reduce`` (default: when ``torch.distributed`` is initialised with several processes) averages ``G``
-    over processes, as the official code's all-reduce ``AVG``."""
+    over processes, as the official code's all-reduce ``AVG``.
+    """
     layers = lora_ga_layers(model, adapter_name)
     if not hasattr(model, "disable_adapter"):
         raise ValueError("estimate_lora_ga_gradients needs a PeftModel (it disables the adapters while estimating).")
@@ -379,7 +381,8 @@ def lora_ga_init(
         factor_dtype: dtype of ``A₀, B₀`` (default: the adapter weights' dtype); the offset is computed from the
             factors in that dtype, in fp32.
 
-    Returns the :class:`LoraGAInit` needed by :func:`lora_ga_to_lora` and :func:`apply_lora_ga_offset`."""
+    Returns the :class:`LoraGAInit` needed by :func:`lora_ga_to_lora` and :func:`apply_lora_ga_offset`.
+    """
     if direction not in DIRECTIONS:
         raise _bad("direction", direction, f"one of {list(DIRECTIONS)}")
     if scale not in SCALES:
@@ -466,7 +469,8 @@ def lora_ga_to_lora(model: nn.Module, init: LoraGAInit, save_directory: Optional
     same scale (``r → 2r``, ``α → 2α``, or ``√2·α`` under rsLoRA; ``rank_pattern`` / ``alpha_pattern`` likewise).
     Returns ``(LoraConfig, state_dict)`` in PEFT's saved-adapter format; with ``save_directory`` also writes
     ``adapter_config.json`` and ``adapter_model.safetensors`` there, loadable with ``PeftModel.from_pretrained`` on the
-    original base model."""
+    original base model.
+    """
     from dataclasses import fields as dc_fields
 
     from peft import LoraConfig, get_peft_model_state_dict

@@ -51,7 +51,8 @@ RowDim = Union[None, int, Dict[str, Optional[int]]]
 def is_lora_param_name(name: str, pattern: str = LORA_PARAM_PATTERN) -> bool:
     """Whether a parameter name (from ``named_parameters``) is a LoRA ``A``/``B`` factor.
 
-    ALLoRA paper: https://arxiv.org/abs/2410.09692; no public code."""
+    ALLoRA paper: https://arxiv.org/abs/2410.09692; no public code.
+    """
     return re.search(pattern, name) is not None
 
 
@@ -61,7 +62,8 @@ def allora_multiplier(param: torch.Tensor, eta: float = DEFAULT_ETA, row_dim: Op
     ``row_dim`` is the axis indexing the rows θ_i (the norm runs over every other axis); ``None``: one θ, the whole
     tensor. Computed in float32 at least.
 
-    ALLoRA paper: https://arxiv.org/abs/2410.09692; no public code."""
+    ALLoRA paper: https://arxiv.org/abs/2410.09692; no public code.
+    """
     if eta <= 0:
         raise ValueError(f"ALLoRA eta must be > 0; got {eta!r}.")
     p = param.detach()
@@ -96,7 +98,8 @@ class ALLoRA(torch.optim.AdamW):
             dict ``{"lora_A": 0, "lora_B": 1}`` keyed by a substring of the parameter name (needs ``named`` params, see
             :func:`create_allora_optimizer`), or ``None`` for one norm per tensor. Default 0.
         apply_to: ``"grad"`` (default, the paper's gradient scaling) or ``"update"`` (``c`` as a per-row learning-rate
-            factor on AdamW's step). May also be set per group."""
+            factor on AdamW's step). May also be set per group.
+    """
 
     def __init__(
         self,
@@ -188,7 +191,8 @@ def create_allora_optimizer(
 
     Use with ``transformers.Trainer`` as ``Trainer(..., optimizers=(create_allora_optimizer(model, lr), None))``.
 
-    ALLoRA paper: https://arxiv.org/abs/2410.09692; no public code."""
+    ALLoRA paper: https://arxiv.org/abs/2410.09692; no public code.
+    """
     lora, lora_names, other, other_names = [], [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -214,7 +218,8 @@ def allora_lora_config(**kwargs):
     Other keyword arguments go to ``LoraConfig`` unchanged; a conflicting ``lora_dropout``, ``lora_alpha`` or
     ``use_rslora`` raises ``ValueError``.
 
-    ALLoRA paper: https://arxiv.org/abs/2410.09692; no public code."""
+    ALLoRA paper: https://arxiv.org/abs/2410.09692; no public code.
+    """
     from peft import LoraConfig
 
     r = kwargs.get("r", 8)

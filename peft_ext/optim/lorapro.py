@@ -89,7 +89,8 @@ def solve_sylvester_sym(P: torch.Tensor, Q: torch.Tensor, C: torch.Tensor, tol: 
     With ``P = UΛUᵀ`` and ``Q = VMVᵀ``: ``X = U [ (UᵀCV)_ij / (λ_i + μ_j) ] Vᵀ``. Pairs with
     ``λ_i + μ_j <= tol·max(1, max|λ|+max|μ|)`` are set to 0 (minimum-norm solution of the singular case).
 
-    LoRA-Pro paper: https://arxiv.org/abs/2407.18242; official code https://github.com/mrflogs/LoRA-Pro."""
+    LoRA-Pro paper: https://arxiv.org/abs/2407.18242; official code https://github.com/mrflogs/LoRA-Pro.
+    """
     dtype = C.dtype
     P64, Q64, C64 = P.double(), Q.double(), C.double()
     P64 = 0.5 * (P64 + P64.T)
@@ -117,7 +118,8 @@ def equivalent_gradient(
 
     ``first=True`` is the paper's t=0 case, ``first=False`` the t>0 case (see module docstring).
 
-    LoRA-Pro paper: https://arxiv.org/abs/2407.18242; official code https://github.com/mrflogs/LoRA-Pro."""
+    LoRA-Pro paper: https://arxiv.org/abs/2407.18242; official code https://github.com/mrflogs/LoRA-Pro.
+    """
     AAt_inv = _reg_inv(A @ A.T, delta)
     if first:
         hg_A = g_A
@@ -140,7 +142,8 @@ def factor_updates(
     ``delta > 0`` replaces the pseudo-inverses ``(BᵀB)⁺``, ``(AAᵀ)⁺`` by ``(BᵀB+δI)⁺``, ``(AAᵀ+δI)⁺`` as the official
     code does (the Sylvester left-hand side keeps ``BᵀB``, ``AAᵀ``); the paper's form is ``delta = 0``.
 
-    LoRA-Pro paper: https://arxiv.org/abs/2407.18242; official code https://github.com/mrflogs/LoRA-Pro."""
+    LoRA-Pro paper: https://arxiv.org/abs/2407.18242; official code https://github.com/mrflogs/LoRA-Pro.
+    """
     gA2 = s * (B.T @ u)  # r×n
     gB2 = s * (u @ A.T)  # m×r
     AAt = A @ A.T
@@ -191,7 +194,8 @@ def find_lora_pairs(model: nn.Module) -> list[_Pair]:
     Only plain linear LoRA is paired (2-D weights, no DoRA); other LoRA variants fall back to AdamW with a warning.
     Adapters whose weights do not require grad (inactive adapters) are skipped.
 
-    LoRA-Pro paper: https://arxiv.org/abs/2407.18242; official code https://github.com/mrflogs/LoRA-Pro."""
+    LoRA-Pro paper: https://arxiv.org/abs/2407.18242; official code https://github.com/mrflogs/LoRA-Pro.
+    """
     from peft.tuners.lora import LoraLayer
 
     from ..registry import list_methods
@@ -254,7 +258,8 @@ class LoraProAdamW(torch.optim.Optimizer):
     ``self.state[A_i]``; ``self.state[B_i]`` is empty. See the module docstring for the algorithm and the
     differences from the official code.
 
-    LoRA-Pro paper: https://arxiv.org/abs/2407.18242; official code https://github.com/mrflogs/LoRA-Pro."""
+    LoRA-Pro paper: https://arxiv.org/abs/2407.18242; official code https://github.com/mrflogs/LoRA-Pro.
+    """
 
     def __init__(
         self,
@@ -347,7 +352,8 @@ class LoraProAdamW(torch.optim.Optimizer):
 
         Torch casts every floating state tensor to its parameter's dtype; for bf16 / fp16 LoRA weights that would
         round the full-size moments to half precision (and break the fp32 update). The saved moments are put back
-        in float32 instead."""
+        in float32 instead.
+        """
         index_to_param = {}
         for saved, group in zip(state_dict["param_groups"], self.param_groups):
             index_to_param.update(zip(saved["params"], group["params"]))
@@ -442,5 +448,6 @@ def create_lorapro_optimizer(model: nn.Module, lr: float, **kwargs) -> LoraProAd
 
     ``kwargs`` are forwarded (``betas``, ``eps``, ``delta``, ``weight_decay``, ``max_grad_norm``, ``official_delta``).
 
-    LoRA-Pro paper: https://arxiv.org/abs/2407.18242; official code https://github.com/mrflogs/LoRA-Pro."""
+    LoRA-Pro paper: https://arxiv.org/abs/2407.18242; official code https://github.com/mrflogs/LoRA-Pro.
+    """
     return LoraProAdamW(model, lr=lr, **kwargs)

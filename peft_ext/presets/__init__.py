@@ -104,7 +104,8 @@ def load_config(path: str | os.PathLike) -> PeftConfig:
 
     E.g. ``randlora_paper.yaml``: RandLoRA https://arxiv.org/abs/2502.00987, official code
     https://github.com/PaulAlbert31/RandLoRA; the presets' papers are listed in :mod:`peft_ext.presets`, the methods' in
-    ``peft_ext.list_methods()``."""
+    ``peft_ext.list_methods()``.
+    """
     import yaml
 
     with open(path, encoding="utf-8") as f:

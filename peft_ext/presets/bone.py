@@ -68,7 +68,8 @@ def bone_preset(mode: str = "bone", **kwargs: Any) -> MissConfig:
 def remap_bone_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename a Bone adapter state dict (``….bone_block``) to MiSS names (``….miss_block``); other keys unchanged.
 
-    Bone: https://arxiv.org/abs/2409.15371; official code https://github.com/JL-er/Bone."""
+    Bone: https://arxiv.org/abs/2409.15371; official code https://github.com/JL-er/Bone.
+    """
     return {_BONE_KEY.sub(".miss_block", key): value for key, value in state_dict.items()}
 
 
@@ -109,7 +110,8 @@ def convert_bone_checkpoint(bone_dir: str, output_dir: str) -> MissConfig:
     """Write a MiSS adapter folder equivalent to the Bone adapter in ``bone_dir``; returns its config.
 
     Bone: https://arxiv.org/abs/2409.15371; official code https://github.com/JL-er/Bone. The result loads with
-    ``PeftModel.from_pretrained`` of any PEFT with MiSS (>= 0.17). ``output_dir`` must differ from ``bone_dir``."""
+    ``PeftModel.from_pretrained`` of any PEFT with MiSS (>= 0.17). ``output_dir`` must differ from ``bone_dir``.
+    """
     if os.path.abspath(bone_dir) == os.path.abspath(output_dir):
         raise ValueError("convert_bone_checkpoint: output_dir must differ from bone_dir.")
     config_file = os.path.join(bone_dir, "adapter_config.json")
@@ -137,7 +139,8 @@ def load_bone_checkpoint(model: torch.nn.Module, bone_dir: str, adapter_name: st
     an older PEFT into ``model`` as MiSS; returns the ``PeftModel``.
 
     Converts the folder with :func:`convert_bone_checkpoint` into a temporary MiSS folder and loads it with
-    ``PeftModel.from_pretrained(model, …, adapter_name=adapter_name, **kwargs)`` (e.g. ``is_trainable=True``)."""
+    ``PeftModel.from_pretrained(model, …, adapter_name=adapter_name, **kwargs)`` (e.g. ``is_trainable=True``).
+    """
     tmp = tempfile.mkdtemp(prefix="peft-ext-bone-")
     try:
         convert_bone_checkpoint(bone_dir, tmp)

@@ -32,7 +32,8 @@ def dora_rslora_preset(r: int, lora_alpha: float, **kwargs: Any) -> LoraConfig:
 
     ``r`` and ``lora_alpha`` are required because Gazal-R1's values are UNCERTAIN (``configs/gazal_dora_rslora.yaml``
     documents the choice). With rsLoRA the scale is ``lora_alpha/√r``. Every other keyword is a ``LoraConfig`` field
-    (e.g. ``target_modules`` to override ``"all-linear"``, ``lora_dropout``)."""
+    (e.g. ``target_modules`` to override ``"all-linear"``, ``lora_dropout``).
+    """
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise ValueError(f"dora_rslora_preset.r must be an integer >= 1; got {r!r}.")
     if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not lora_alpha > 0:

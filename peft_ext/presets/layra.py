@@ -42,7 +42,8 @@ def layra_layers(n_layers: int, n_first: int, n_last: int) -> list[int]:
     """The LayRA layer set ``[0 … n_first−1] ∪ [L−n_last … L−1]`` of a model with ``L = n_layers`` blocks.
 
     LayRA: https://arxiv.org/abs/2509.11414 (no public code). The two ranges must not overlap (that would be plain
-    LoRA on some middle-free model, almost certainly a mistake), and at least one layer must be selected."""
+    LoRA on some middle-free model, almost certainly a mistake), and at least one layer must be selected.
+    """
     _int("layra_layers", "n_layers", n_layers, 1)
     _int("layra_layers", "n_first", n_first, 0)
     _int("layra_layers", "n_last", n_last, 0)
@@ -71,7 +72,8 @@ def layra_preset(
 
     Pass either ``n_layers``/``n_first``/``n_last`` or an explicit ``layers`` list (e.g. from
     :func:`cka_select_layers`, a selection rule from a different paper). ``target_modules`` defaults to the seven
-    Llama projections (UNCERTAIN for the paper); every other keyword is a ``LoraConfig`` field."""
+    Llama projections (UNCERTAIN for the paper); every other keyword is a ``LoraConfig`` field.
+    """
     if layers is not None:
         if any(v is not None for v in (n_layers, n_first, n_last)):
             raise ValueError("layra_preset: pass either `layers` or n_layers/n_first/n_last, not both.")
@@ -111,7 +113,8 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     ``‖X̄ᵀȲ‖²_F / (‖X̄ᵀX̄‖_F · ‖ȲᵀȲ‖_F)`` with column-centred ``X̄, Ȳ`` (fp32, in float64 accumulation).
 
     As the ``linear_cka`` of https://github.com/c2d-usp/Layer-wise-LoRA-with-CKA (CKA: Kornblith et al. 2019,
-    https://arxiv.org/abs/1905.00414). Used by :func:`cka_select_layers`; not part of LayRA."""
+    https://arxiv.org/abs/1905.00414). Used by :func:`cka_select_layers`; not part of LayRA.
+    """
     if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
         raise ValueError(f"linear_cka needs two 2-D matrices with the same number of rows; got {tuple(x.shape)} "
                          f"and {tuple(y.shape)}.")
@@ -147,7 +150,8 @@ def cka_layer_scores(model: torch.nn.Module, batches: Iterable[Mapping[str, torc
     ``batches`` are keyword dicts for ``model(**batch, output_hidden_states=True)`` (``input_ids``,
     ``attention_mask``, …; ``labels`` are dropped). ``hidden_states[0]`` is the embedding output and, in
     transformers, ``hidden_states[L]`` is taken after the final norm, exactly as in the official script. Pass the base
-    model (adapters would change the hidden states). The model runs in eval mode; its mode is restored afterwards."""
+    model (adapters would change the hidden states). The model runs in eval mode; its mode is restored afterwards.
+    """
     was_training = model.training
     model.eval()
     features: Optional[list[list[torch.Tensor]]] = None
@@ -181,7 +185,8 @@ def select_lowest(scores: Sequence[float], fraction: float = 0.5) -> list[int]:
     The selection rule of *Layer-wise LoRA fine-tuning: a similarity metric approach* (official code
     https://github.com/c2d-usp/Layer-wise-LoRA-with-CKA, ``ratio_of_layers``, default 0.5), used to fill
     ``layers_to_transform`` of the LayRA preset (*Continually Adding New Languages to Multilingual Language Models*,
-    https://arxiv.org/abs/2509.11414, no public code); it is not LayRA's own rule."""
+    https://arxiv.org/abs/2509.11414, no public code); it is not LayRA's own rule.
+    """
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
         raise ValueError(f"cka_select_layers.fraction must be a number in (0, 1]; got {fraction!r}.")
     k = math.floor(fraction * len(scores))
@@ -201,7 +206,8 @@ def cka_select_layers(
     between their input and output hidden states (the ones that change the representation most).
 
     Borrowed from a different paper than LayRA (https://arxiv.org/abs/2509.11414); feed the result to
-    ``layra_preset(layers=...)``. See :func:`cka_layer_scores` for what ``batches`` holds."""
+    ``layra_preset(layers=...)``. See :func:`cka_layer_scores` for what ``batches`` holds.
+    """
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
         raise ValueError(f"cka_select_layers.fraction must be a number in (0, 1]; got {fraction!r}.")
     return select_lowest(cka_layer_scores(model, batches), fraction)

@@ -56,7 +56,8 @@ class RandLoraPaperConfig(RandLoraConfig):
     RandLoRA config through this class when the file says ``"paper_scaling": true`` (so the marker survives
     ``PeftModel.from_pretrained``) and as plain ``RandLoraConfig`` otherwise. A process without peft-ext ignores the
     unknown ``paper_scaling`` key with PEFT's "Unexpected keyword arguments" warning and falls back to upstream's
-    ``α/r``."""
+    ``α/r``.
+    """
 
     paper_scaling: bool = field(
         default=False,
@@ -96,7 +97,8 @@ def randlora_preset(paper_scaling: bool = True, **kwargs: Any) -> RandLoraConfig
     defaulting to ``2·r`` as in the official README (``s = 2/√n``). ``paper_scaling=False`` returns a plain
     upstream ``RandLoraConfig(**kwargs)`` (upstream defaults: ``r = 32``, ``randlora_alpha = 640``, ``s = α/r``).
     Every other keyword is a ``RandLoraConfig`` field. The bases are upstream's (see the module docstring for how
-    they differ from the official ones)."""
+    they differ from the official ones).
+    """
     if not isinstance(paper_scaling, bool):
         raise ValueError(f"randlora_preset.paper_scaling must be True or False; got {paper_scaling!r}.")
     allowed = {f.name for f in fields(RandLoraConfig) if f.init}
@@ -149,7 +151,8 @@ def post_injection_paper_scaling(tuner, adapter_name: str) -> None:
     https://github.com/PaulAlbert31/RandLoRA). A no-op for plain upstream RandLoRA configs.
 
     ``peft_ext.patches`` calls this from its wrapper of ``peft.tuners.randlora.RandLoraModel.inject_adapter``, which
-    runs for ``get_peft_model``, ``add_adapter``, ``load_adapter`` and ``PeftModel.from_pretrained``."""
+    runs for ``get_peft_model``, ``add_adapter``, ``load_adapter`` and ``PeftModel.from_pretrained``.
+    """
     config = tuner.peft_config.get(adapter_name)
     if config is not None and getattr(config, "paper_scaling", False):
         _set_layer_scales(tuner.model, adapter_name, config)
@@ -170,7 +173,8 @@ def apply_paper_scaling(model, adapter_name: Optional[str] = None) -> dict[str, 
     ``model`` is a ``PeftModel`` (or ``RandLoraModel``) with RandLoRA adapters; ``adapter_name=None`` converts every
     RandLoRA adapter. Uses public PEFT API only (``peft_config`` and each layer's ``scaling`` dict) and is idempotent:
     the scale is recomputed from the config, never divided again. Returns ``{layer name: scale}``. Refuses merged
-    adapters (their weights were merged with the old scale)."""
+    adapters (their weights were merged with the old scale).
+    """
     configs = getattr(model, "peft_config", None)
     if not isinstance(configs, dict):
         raise ValueError(f"apply_paper_scaling needs a PeftModel with RandLoRA adapters; got {type(model).__name__}.")
@@ -199,7 +203,8 @@ def randlora_from_pretrained(model, model_id: str, adapter_name: str = "default"
 
     Reads ``adapter_config.json`` itself (PEFT would drop the ``paper_scaling`` key of a plain ``RandLoraConfig``),
     builds the config as :class:`RandLoraPaperConfig`, loads with PEFT and, when the saved config says
-    ``paper_scaling``, applies :func:`apply_paper_scaling`. ``kwargs`` go to ``PeftModel.from_pretrained``."""
+    ``paper_scaling``, applies :func:`apply_paper_scaling`. ``kwargs`` go to ``PeftModel.from_pretrained``.
+    """
     subfolder = kwargs.get("subfolder")
     path = os.path.join(model_id, subfolder) if subfolder else model_id
     config_file = os.path.join(path, "adapter_config.json")

@@ -28,7 +28,8 @@ def bad_value(config: Any, name: str, value: Any, allowed: str) -> ValueError:
     """A ValueError that names the config class, the field, the value given and what is allowed.
 
     Used by every peft-ext method's config; see ``peft_ext.list_methods()`` for each paper and its official code. Built
-    on PEFT, https://github.com/huggingface/peft."""
+    on PEFT, https://github.com/huggingface/peft.
+    """
     owner = type(config).__name__ if not isinstance(config, str) else config
     return ValueError(f"{owner}.{name} must be {allowed}; got {value!r}.")
 
@@ -40,7 +41,8 @@ class ExtConfig(PeftConfig):
     Not a method itself: see the subclasses (``DyLoraConfig``, ``NolaConfig``, ...) for the paper and official code.
 
     The tuner base of every peft-ext method; see ``peft_ext.list_methods()`` for each paper and its official code. Built
-    on PEFT, https://github.com/huggingface/peft."""
+    on PEFT, https://github.com/huggingface/peft.
+    """
 
     method_name: ClassVar[str] = ""
 
@@ -154,7 +156,8 @@ def _unpack_cpu_4bit(base_layer: nn.Module) -> None:
     """Turn off bitsandbytes' in-place AVX512-BF16 repacking of 4-bit weights on CPU, and undo one already done.
 
     bitsandbytes >= 0.50 repacks ``Linear4bit`` weights on the first no-grad CPU forward when the CPU has AVX512-BF16;
-    afterwards gradients stop flowing through the layer and ``dequantize_4bit`` returns wrong weights."""
+    afterwards gradients stop flowing through the layer and ``dequantize_4bit`` returns wrong weights.
+    """
     if not hasattr(base_layer, "support_avx512bf16_for_cpu"):
         return
     base_layer.support_avx512bf16_for_cpu = False
@@ -175,7 +178,8 @@ class ExtLayer(BaseTunerLayer):
     ``get_base_weight`` / ``set_base_weight`` so bitsandbytes 4-bit and 8-bit bases work.
 
     The tuner base of every peft-ext method; see ``peft_ext.list_methods()`` for each paper and its official code. Built
-    on PEFT, https://github.com/huggingface/peft."""
+    on PEFT, https://github.com/huggingface/peft.
+    """
 
     mergeable: ClassVar[bool] = True
     merge_refusal: ClassVar[str] = ""  # why merging is impossible, for layers with mergeable = False
@@ -297,7 +301,8 @@ class ExtModel(BaseTuner):
     override ``_layer_kwargs``.
 
     The tuner base of every peft-ext method; see ``peft_ext.list_methods()`` for each paper and its official code. Built
-    on PEFT, https://github.com/huggingface/peft."""
+    on PEFT, https://github.com/huggingface/peft.
+    """
 
     layer_cls: ClassVar[type]
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
@@ -317,7 +322,8 @@ class ExtModel(BaseTuner):
         ranges; the layers check shapes only, without reading values) and moved to the model's device. Per-token
         inputs (``token_inputs``) are fitted to each forward inside the call by ``TokenRoutes``, so ``generate`` works
         with them. Inputs stay on the layers until the next call, so gradient checkpointing recomputes with the same
-        ones."""
+        ones.
+        """
         if not self.call_args and not self.has_aux_loss:
             yield
             return
@@ -365,7 +371,8 @@ class ExtModel(BaseTuner):
         all micro-batches of the step, over all processes), the model's loss is a sum over its tokens divided by that
         count, and the Trainer multiplies the loss by the number of processes. An auxiliary loss added unweighted would
         then count once per micro-batch and per process; weighted by this share it enters each optimizer step as the
-        token-weighted average over the step's micro-batches, exactly as without accumulation on one process."""
+        token-weighted average over the step's micro-batches, exactly as without accumulation on one process.
+        """
         total = kwargs.get("num_items_in_batch")
         labels = kwargs.get("labels")
         if total is None or labels is None or not torch.is_tensor(labels):

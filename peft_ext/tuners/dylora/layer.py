@@ -99,7 +99,8 @@ class DyLoraLayer(ExtLayer):
         """(A, B, s) with ΔW = s·B·A at the full rank r, for B·A optimizers such as LoRA-Pro.
 
         Only defined at rank r: under a sampled rank b < r the update is (α/b)·B[:, :b]·A[:b], which LoRA-Pro's
-        equivalent gradient does not model, so this raises instead of silently mixing the two."""
+        equivalent gradient does not model, so this raises instead of silently mixing the two.
+        """
         b = self.current_rank(adapter)
         if b != self.r[adapter]:
             raise ValueError(

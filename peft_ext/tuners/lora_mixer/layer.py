@@ -83,7 +83,8 @@ class LoraMixerLayer(ExtLayer):
         """Create (or replace) the adapter ``adapter_name`` from ``config``.
 
         ``ranks`` / ``alphas`` (one per expert) override the config's for this module (rank_pattern, loaded folders);
-        ``experts`` is a list of ``(A, B)`` per expert (from PEFT LoRA folders) copied into the stacked weights."""
+        ``experts`` is a list of ``(A, B)`` per expert (from PEFT LoRA folders) copied into the stacked weights.
+        """
         E = config.num_experts
         ranks = list(ranks if ranks is not None else config.r)
         alphas = [float(a) for a in (alphas if alphas is not None else config.lora_alpha)]

@@ -73,7 +73,8 @@ class MolaLayer(ExtLayer):
         """Create (or replace) adapter ``adapter_name`` with ``num_experts`` experts and ``top_k`` routing.
 
         ``num_experts`` / ``top_k`` are this layer's values (``MolaModel`` resolves per-layer patterns); when omitted,
-        the config must hold plain ints."""
+        the config must hold plain ints.
+        """
         if num_experts is None:
             num_experts = config.num_experts
         if top_k is None:

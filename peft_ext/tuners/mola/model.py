@@ -91,7 +91,8 @@ class MolaModel(ExtModel):
         ``balance_loss_scope='layer'`` (official): per decoder layer and adapter, the routing decisions of all its
         adapted modules are pooled (the official code concatenates their router logits) and one loss
         ``E·Σ_e f_e·P̄_e`` is computed; the losses are summed over layers and weighted. ``'module'``: the layers
-        recorded one loss each."""
+        recorded one loss each.
+        """
         terms = [t.float() for layer in self.tuner_layers() for t in layer.aux_losses]
         groups: dict = {}
         for layer in self.tuner_layers():

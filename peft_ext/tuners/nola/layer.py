@@ -52,7 +52,8 @@ def a0_matrix(seed: int, r: int, in_features: int) -> torch.Tensor:
 class _RegeneratedCombination(torch.autograd.Function):
     """``Σᵢ cᵢ Rᵢ`` with the bases regenerated chunk by chunk in forward and again in backward, never stored.
 
-    The coefficient gradient is ``∂L/∂cᵢ = ⟨∂L/∂(Σ c R), Rᵢ⟩``."""
+    The coefficient gradient is ``∂L/∂cᵢ = ⟨∂L/∂(Σ c R), Rᵢ⟩``.
+    """
 
     @staticmethod
     def forward(coef, seed, stream, shape, chunk):

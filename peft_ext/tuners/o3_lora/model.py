@@ -120,7 +120,8 @@ class O3LoraModel(ExtModel):
         **kwargs)``) and returns what ``ood_weight=`` accepts: a number, a tensor ``[batch]`` or a dict adapter ->
         gate. It runs once per ``PeftModel`` call: in ``generate`` on the first forward (the whole prompt, after
         beam / num_return_sequences expansion) and that gate stays for every decoding step. The scorer is not saved
-        with the adapter (the O3 unlearning recipe supplies an OOD detector)."""
+        with the adapter (the O3 unlearning recipe supplies an OOD detector).
+        """
         if scorer is not None and not callable(scorer):
             raise ValueError(f"set_gate_scorer: scorer must be callable or None; got {type(scorer).__name__}.")
         self.__dict__["_o3_gate_scorer"] = scorer  # never registered as a submodule: not part of the state dict
@@ -216,7 +217,8 @@ class O3LoraModel(ExtModel):
         over modules by its config's ``orth_reduction``: ``Σ_modules Σ_j ‖A_j^prev · A_curᵀ‖_F² / divisor`` in fp32
         (``block_mean``: the divisor is ``orth_block_count``, every decoder layer of the model as in the official
         code — the paper does not say).
-        Gradient reaches only the adapter's own A. None when the adapter has no earlier request to be orthogonal to."""
+        Gradient reaches only the adapter's own A. None when the adapter has no earlier request to be orthogonal to.
+        """
         if adapter_name is None:
             active = list(self.active_adapters)
             if len(active) != 1:
@@ -296,7 +298,8 @@ class O3LoraModel(ExtModel):
         snapshots. ``source``: None (the adapter's own current A — the official workflow: call this when a request
         ends, then keep training the same LoRA on the next request), the name of another O3 adapter of this model,
         or a saved adapter folder / ``.safetensors`` file (O3 ``o3_lora_down`` or PEFT LoRA ``lora_A`` weights, as
-        the official scripts load earlier requests' LoRA folders). Modules the source did not adapt get zero rows."""
+        the official scripts load earlier requests' LoRA folders). Modules the source did not adapt get zero rows.
+        """
         name = adapter_name or self._single_active("snapshot_request")
         if name not in self.peft_config:
             raise ValueError(f"snapshot_request: adapter_name {name!r} is not an adapter of this model.")

@@ -224,7 +224,8 @@ class SwitchLoraLayer(ExtLayer):
         """The most vectors of each kind ``switch`` may take now (the official code's ``available_num``).
 
         The A cursor may not reach the A-rows frozen behind the B cursor (and vice versa), and no more than
-        ``N − r`` candidates exist."""
+        ``N − r`` candidates exist.
+        """
         track = self.switchlora_track[adapter]
         r = self.r[adapter]
         free = self.switchlora_bank[adapter].a.shape[0] - r
@@ -243,7 +244,8 @@ class SwitchLoraLayer(ExtLayer):
         ``A[i] ← c``, and B-column i (the partner) is frozen for ``adam_warm_step`` steps. Then the same for B-columns
         j (``W += s·(b_j − c)·A[j]``, with A after its own switch), freezing A-row j. The layer's output
         ``xWᵀ + s·xAᵀBᵀ`` is unchanged up to float rounding. New candidates are taken after the previously selected
-        slot (the official "continuous" selection)."""
+        slot (the official "continuous" selection).
+        """
         A_param = self.switchlora_down[adapter].weight
         B_param = self.switchlora_up[adapter].weight
         dev = A_param.device
