@@ -177,7 +177,9 @@ def _type_name(tp) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if tp is type(None):
         return "null"
-    return {dict: "a mapping", list: "a list", str: "a string", int: "an integer", float: "a number", bool: "true/false"}.get(
+    names = {dict: "a mapping", list: "a list", str: "a string", int: "an integer", float: "a number",
+             bool: "true/false"}
+    return names.get(
         tp, getattr(tp, "__name__", str(tp))
     )
 
@@ -311,7 +313,8 @@ def _validate_semantics(recipe: Recipe) -> None:
     if recipe.data.name not in DATA_NAMES:
         raise RecipeError(f"data.name must be one of {list(DATA_NAMES)}; got {recipe.data.name!r}.")
     if recipe.model.name not in MODEL_NAMES and not Path(recipe.model.name).is_dir():
-        raise RecipeError(f"model.name must be one of {list(MODEL_NAMES)} or a local folder; got {recipe.model.name!r}.")
+        raise RecipeError(
+            f"model.name must be one of {list(MODEL_NAMES)} or a local folder; got {recipe.model.name!r}.")
     training_fields = {f.name for f in dataclasses.fields(TrainingArguments) if f.init} - {"output_dir"}
     for name in recipe.training:
         if name not in training_fields:
@@ -352,7 +355,8 @@ def _validate_trainer(recipe: Recipe) -> None:
         changed = [f.name for f in dataclasses.fields(TrainerSection)
                    if f.name != "name" and getattr(t, f.name) != getattr(TrainerSection(), f.name)]
         if changed:
-            raise RecipeError(f"trainer.{changed[0]} applies only with trainer.name set (one of {list(TRAINER_NAMES)}).")
+            raise RecipeError(
+                f"trainer.{changed[0]} applies only with trainer.name set (one of {list(TRAINER_NAMES)}).")
         return
     if recipe.model.task != "causal_lm" or recipe.data.name != "gsm":
         raise RecipeError(f"trainer {t.name!r} needs model.task 'causal_lm' and data.name 'gsm'; got "

@@ -21,7 +21,6 @@ The SFT stage is trained once and copied into each variant's output folder, whic
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time

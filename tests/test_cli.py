@@ -218,7 +218,7 @@ def test_prompt_aware_recipe_pools_over_the_question_only(tmp_path):
         f"output_dir={tmp_path}", "evaluation.plot=false", "evaluation.baseline=false", "method.name=prompt_aware_lora",
         "method.config={r: 4, lora_alpha: 8, target_modules: [q_proj, v_proj]}",
     ])
-    from peft_ext.runner import _collator, load_data, load_tokenizer_and_model
+    from peft_ext.runner.data import _collator, load_data, load_tokenizer_and_model
 
     tokenizer, _ = load_tokenizer_and_model(recipe)
     train_set, _, _ = load_data(recipe, tokenizer)

@@ -33,7 +33,8 @@ def one_thread():
 
 
 SFT_DATA = Dataset.from_dict({"prompt": ["Q1+1=", "Q2+2="],
-                              "completion": ["<think>1+1</think><answer>2</answer>", "<think>2+2</think><answer>4</answer>"]})
+                              "completion": ["<think>1+1</think><answer>2</answer>",
+                                             "<think>2+2</think><answer>4</answer>"]})
 GRPO_DATA = Dataset.from_dict({"prompt": ["Q1+1=", "Q2+2="], "answer": ["2", "4"]})
 
 

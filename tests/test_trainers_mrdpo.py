@@ -167,7 +167,8 @@ def test_quantized_base_refused(tmp_path):
 @pytest.mark.parametrize(
     "builder,match",
     [
-        (lambda m, t, p, k: [{"question": "a", "good": "b", "bad": "c"}], r"missing \['prompt', 'chosen', 'rejected'\]"),
+        (lambda m, t, p, k: [{"question": "a", "good": "b", "bad": "c"}],
+         r"missing \['prompt', 'chosen', 'rejected'\]"),
         (lambda m, t, p, k: [], "no preference pairs in round 1"),
         (lambda m, t, p, k: [{"prompt": "a", "chosen": 1, "rejected": "c"}], "'chosen' must hold text"),
         (lambda m, t, p, k: "pairs", "must return a Dataset or a list of dicts"),

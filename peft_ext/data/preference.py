@@ -42,7 +42,8 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int =
             chunk = prompts[start : start + batch_size]
             enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
             enc = {k: v.to(model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-            kwargs = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if sample else dict(do_sample=False)
+            kwargs = (dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if sample
+                      else dict(do_sample=False))
             with torch.no_grad():
                 out = model.generate(**enc, max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
                                      pad_token_id=tokenizer.pad_token_id, **kwargs)
@@ -114,9 +115,10 @@ class GSMPairBuilder:
             raise ValueError(f"GSMPairBuilder.temperature must be a number >= 0; got {temperature!r}.")
         self.num_samples, self.max_new_tokens = num_samples, max_new_tokens
         self.temperature, self.top_p, self.batch_size, self.seed = temperature, top_p, batch_size, seed
-        if prompts_per_round is not None and (isinstance(prompts_per_round, bool) or not isinstance(prompts_per_round, int)
-                                              or prompts_per_round < 1):
-            raise ValueError(f"GSMPairBuilder.prompts_per_round must be an integer >= 1 or None; got {prompts_per_round!r}.")
+        bad = isinstance(prompts_per_round, bool) or not isinstance(prompts_per_round, int) or prompts_per_round < 1
+        if prompts_per_round is not None and bad:
+            raise ValueError(
+                f"GSMPairBuilder.prompts_per_round must be an integer >= 1 or None; got {prompts_per_round!r}.")
         self.prompts_per_round, self.tagged = prompts_per_round, tagged
         self.last_stats: dict = {}
 

@@ -127,7 +127,8 @@ class GazalGRPOTrainer(GRPOTrainer):
         # docstyle-ignore
         "citation": textwrap.dedent("""\
             @article{adly2025gazal,
-                title   = {{Gazal-R1: Achieving State-of-the-Art Medical Reasoning with Parameter-Efficient Two-Stage Training}},
+                title   = {{Gazal-R1: Achieving State-of-the-Art Medical Reasoning with Parameter-Efficient
+                            Two-Stage Training}},
                 author  = {Ahmed M. Adly and Mostafa Samy and Amr Fawzy},
                 year    = 2025,
                 journal = {arXiv preprint arXiv:2506.21594},

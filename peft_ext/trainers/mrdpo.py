@@ -107,11 +107,14 @@ class MrDPOConfig(DPOConfig):
             raise ValueError(f"MrDPOConfig.ce_weight must be a number >= 0; got {self.ce_weight!r}.")
         loss_type = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
         if loss_type != ["sigmoid"]:
-            raise ValueError(f"MrDPOConfig.loss_type must be ['sigmoid'] (the CE term is ce_weight); got {loss_type!r}.")
+            raise ValueError(
+                f"MrDPOConfig.loss_type must be ['sigmoid'] (the CE term is ce_weight); got {loss_type!r}.")
         if self.precompute_ref_log_probs:
-            raise ValueError("MrDPOConfig.precompute_ref_log_probs must be False: the reference is refreshed every round.")
+            raise ValueError(
+                "MrDPOConfig.precompute_ref_log_probs must be False: the reference is refreshed every round.")
         if self.sync_ref_model:
-            raise ValueError("MrDPOConfig.sync_ref_model must be False: the reference is the merged model of each round.")
+            raise ValueError(
+                "MrDPOConfig.sync_ref_model must be False: the reference is the merged model of each round.")
         self.max_steps = self.steps_per_round
         super().__post_init__()
 
@@ -200,8 +203,10 @@ class MrDPOTrainer(DPOTrainer):
         # docstyle-ignore
         "citation": textwrap.dedent("""\
             @article{tang2025enhancing,
-                title   = {{Enhancing Multimodal LLM for Detailed and Accurate Video Captioning using Multi-Round Preference Optimization}},
-                author  = {Changli Tang and Yixuan Li and Yudong Yang and Jimin Zhuang and Guangzhi Sun and Wei Li and Zejun Ma and Chao Zhang},
+                title   = {{Enhancing Multimodal LLM for Detailed and Accurate Video Captioning using Multi-Round
+                            Preference Optimization}},
+                author  = {Changli Tang and Yixuan Li and Yudong Yang and Jimin Zhuang and Guangzhi Sun and Wei Li
+                           and Zejun Ma and Chao Zhang},
                 year    = 2025,
                 journal = {arXiv preprint arXiv:2506.15220},
             }"""),
@@ -463,7 +468,8 @@ class MrDPOTrainer(DPOTrainer):
         data = Dataset.from_dict({"prompt": prompts, "completion": answers})
         self.rebirth_data = data
         if args is None:
-            args = SFTConfig(output_dir=str(Path(self.args.output_dir) / "rebirth"), max_steps=self.args.steps_per_round,
+            args = SFTConfig(output_dir=str(Path(self.args.output_dir) / "rebirth"),
+                             max_steps=self.args.steps_per_round,
                              learning_rate=self.args.learning_rate, seed=self.args.seed, report_to=self.args.report_to,
                              use_cpu=self.args.use_cpu, bf16=self.args.bf16, save_strategy="no",
                              per_device_train_batch_size=self.args.per_device_train_batch_size,

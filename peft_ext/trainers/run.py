@@ -62,7 +62,8 @@ def _stage_metrics(log_history: list) -> dict:
     out = {}
     for key in sorted({k for row in log_history for k in row}):
         values = [row[key] for row in log_history if isinstance(row.get(key), (int, float))]
-        if not values or key in ("epoch", "step", "learning_rate", "grad_norm", "total_flos") or key.startswith("train_"):
+        skipped = key in ("epoch", "step", "learning_rate", "grad_norm", "total_flos") or key.startswith("train_")
+        if not values or skipped:
             continue
         name = key.replace("rewards/", "reward_").replace("/mean", "").replace("/", "_")
         out[name] = float(np.mean(values))
@@ -85,7 +86,8 @@ def _done(folder: Path) -> bool:
     from .._io import safetensors_is_whole
 
     weights = list(folder.glob("adapter_model.safetensors"))
-    return (folder / "adapter_config.json").is_file() and bool(weights) and all(safetensors_is_whole(w) for w in weights)
+    has_config = (folder / "adapter_config.json").is_file()
+    return has_config and bool(weights) and all(safetensors_is_whole(w) for w in weights)
 
 
 class _Run:
@@ -365,7 +367,8 @@ def format_stages(metrics: dict) -> str:
     rows = ([{"stage": "start", "eval": metrics["baseline"]}] if metrics.get("baseline") else []) + metrics["stages"]
     for r in rows:
         ev = r.get("eval") or {}
-        lines.append(f"{r['stage']:>10} | {ev.get('accuracy', float('nan')):8.3f} | {ev.get('format_rate', float('nan')):6.2f}"
+        nan = float("nan")
+        lines.append(f"{r['stage']:>10} | {ev.get('accuracy', nan):8.3f} | {ev.get('format_rate', nan):6.2f}"
                      f" | {ev.get('mean_length', float('nan')):6.1f} | {r.get('margin', float('nan')):7.3f}"
                      f" | {r.get('reward', float('nan')):7.3f}")
     return "\n".join(lines)
