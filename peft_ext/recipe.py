@@ -93,7 +93,7 @@ class EvaluationSection:
     max_new_tokens: int = field(default=128, metadata={"help": "Token budget of each generated answer."})
 
 
-TRAINER_NAMES = ("sft", "dpo", "mrdpo", "grpo", "sft_grpo")
+TRAINER_NAMES = ("sft", "dpo", "mrdpo", "grpo", "sft_grpo", "mtp")
 
 
 @dataclass
@@ -103,11 +103,12 @@ class TrainerSection:
     ``trainer: mrdpo`` is short for ``trainer: {name: mrdpo}``. These recipes train causal LMs on ``data.name: gsm``.
     """
 
-    name: Optional[Literal["sft", "dpo", "mrdpo", "grpo", "sft_grpo"]] = field(
+    name: Optional[Literal["sft", "dpo", "mrdpo", "grpo", "sft_grpo", "mtp"]] = field(
         default=None,
         metadata={"help": "sft: TRL SFT; dpo: one round of DPO on pairs from the model; mrdpo: multi-round DPO with "
                   "merge-and-reinit (video-SALMONN 2); grpo: GRPO; sft_grpo: SFT then GRPO on the same adapter "
-                  "(Gazal-R1); null: the plain Trainer."},
+                  "(Gazal-R1); mtp: multi-token prediction with gated LoRA (trainer.args = MTPConfig fields); "
+                  "null: the plain Trainer."},
     )
     sft_steps: int = field(
         default=0,
@@ -339,6 +340,10 @@ def trainer_config_class(name: str):
         from .trainers.mrdpo import MrDPOConfig
 
         return MrDPOConfig
+    if name == "mtp":
+        from .trainers.mtp import MTPConfig
+
+        return MTPConfig
     if name == "sft":
         from .trainers.gazal import GazalSFTConfig
 
@@ -363,6 +368,9 @@ def _validate_trainer(recipe: Recipe) -> None:
                           f"{recipe.model.task!r} with {recipe.data.name!r}.")
     if recipe.evaluation.ranks is not None:
         raise RecipeError(f"evaluation.ranks does not apply with trainer {t.name!r}.")
+    if t.name == "mtp":
+        _validate_mtp(recipe)
+        return
     minimum = {"rounds": 1, "steps_per_round": 1, "grpo_steps": 1, "num_samples": 1, "max_new_tokens": 1,
                "num_generations": 2, "sft_steps": 0}
     for key, low in minimum.items():
@@ -403,6 +411,24 @@ def _validate_trainer(recipe: Recipe) -> None:
         if name not in allowed:
             raise unknown_key_error(f"trainer.args.{name}", name, allowed)
     _check_training_types(t.args, config_cls)
+
+
+def _validate_mtp(recipe: Recipe) -> None:
+    """``trainer: mtp`` trains a gated LoRA with its own loop: settings come from ``trainer.args`` (MTPConfig)."""
+    from .trainers.mtp import MTPConfig
+
+    if recipe.method.name != "gated_lora":
+        raise RecipeError(f"trainer 'mtp' needs method.name 'gated_lora'; got {recipe.method.name!r}.")
+    if recipe.training:
+        raise RecipeError("training.* does not apply with trainer 'mtp': set trainer.args (MTPConfig fields).")
+    allowed = {f.name for f in dataclasses.fields(MTPConfig)}
+    for name in recipe.trainer.args:
+        if name not in allowed:
+            raise unknown_key_error(f"trainer.args.{name}", name, allowed)
+    try:
+        MTPConfig(**recipe.trainer.args)
+    except (TypeError, ValueError) as exc:
+        raise RecipeError(f"trainer.args: {exc}") from exc
 
 
 def _check_training_types(training: dict, args_cls) -> None:

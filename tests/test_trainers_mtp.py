@@ -224,33 +224,25 @@ def test_save_load_and_measure(tmp_path):
     assert json.loads((tmp_path / "a" / "mtp_config.json").read_text())["num_masks"] == 3
 
 
-def test_tiny_recipe_writes_adapter_metrics_and_plot(tmp_path):
-    """recipes/tiny_mtp.yaml through train_mtp_recipe; the trainer section is attached by hand, so this runs whether or
-    not recipe.py knows ``trainer: mtp`` yet."""
-    from types import SimpleNamespace
+def test_tiny_recipe_writes_adapter_metrics_and_plot(tmp_path, capsys):
+    """recipes/tiny_mtp.yaml through the ``peft-ext`` command (``trainer: mtp``); ``--resume`` with a complete adapter
+    trains nothing and decodes the same; a misspelt MTP key is one line, exit 2."""
+    from peft_ext import cli
 
-    import yaml
-
-    from peft_ext.recipe import recipe_from_dict
-    from peft_ext.trainers.mtp import train_mtp_recipe
-
-    data = yaml.safe_load((Path(__file__).resolve().parent.parent / "recipes" / "tiny_mtp.yaml").read_text())
-    trainer = data.pop("trainer")
-    data["output_dir"] = str(tmp_path / "run")
-    recipe = recipe_from_dict(data)
-    recipe.trainer = SimpleNamespace(**trainer)
-    metrics = train_mtp_recipe(recipe, quiet=True)
+    recipe = str(Path(__file__).resolve().parent.parent / "recipes" / "tiny_mtp.yaml")
     out = tmp_path / "run"
+    assert cli.main(["train", recipe, "--set", f"output_dir={out}", "--quiet"]) == 0
     assert (out / "adapter" / "adapter_model.safetensors").is_file() and (
         out / "adapter" / "mtp_head.safetensors"
     ).is_file()
     assert (out / "results.png").is_file()
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["decoding"]["identical"] == 1.0 and saved["decoding"]["tokens_per_forward"] >= 1.0
-    assert len(saved["history"]) == trainer["args"]["steps"] == len(metrics["history"])
-    # resume with a complete adapter: no training, the same weights give the same decoding
-    again = train_mtp_recipe(recipe, resume=True, quiet=True)
-    assert again["decoding"]["tokens_per_forward"] == metrics["decoding"]["tokens_per_forward"]
-    with pytest.raises(ValueError, match="unknown MTP key"):
-        recipe.trainer = SimpleNamespace(name="mtp", args={"num_mask": 2})
-        train_mtp_recipe(recipe, quiet=True)
+    assert len(saved["history"]) == 2  # trainer.args.steps of the tiny recipe
+    assert cli.main(["train", recipe, "--set", f"output_dir={out}", "--quiet", "--resume"]) == 0
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["decoding"]["tokens_per_forward"] == saved["decoding"]["tokens_per_forward"]
+    capsys.readouterr()
+    assert cli.main(["train", recipe, "--set", f"output_dir={out}", "--set", "trainer.args.num_mask=2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "trainer.args.num_mask" in err

@@ -5,6 +5,8 @@
 * ``GazalGRPOTrainer`` / ``GazalGRPOConfig`` / ``GazalSFTConfig`` / ``sft_then_grpo``: SFT with the DoRA + rsLoRA
   preset, then GRPO continuing the same adapter (Gazal-R1, https://arxiv.org/abs/2506.21594), on TRL's
   ``SFTTrainer`` and ``GRPOTrainer``.
+* ``MTPModel`` / ``MTPConfig`` / ``mtp_generate``: multi-token prediction with gated LoRA at ``<mask>`` positions and
+  speculative decoding identical to greedy ``generate()`` (*Your LLM Knows the Future*).
 * ``train_recipe``: the ``trainer:`` section of a ``peft-ext train`` recipe (``peft_ext/trainers/run.py``).
 
 TRL is imported when this package is imported; ``import peft_ext`` alone does not import it.
@@ -12,5 +14,18 @@ TRL is imported when this package is imported; ``import peft_ext`` alone does no
 
 from .gazal import GazalGRPOConfig, GazalGRPOTrainer, GazalSFTConfig, sft_then_grpo
 from .mrdpo import MrDPOConfig, MrDPOTrainer
+from .mtp import MTPConfig, MTPModel, mtp_generate, train_mtp, train_mtp_recipe
 
-__all__ = ["GazalGRPOConfig", "GazalGRPOTrainer", "GazalSFTConfig", "MrDPOConfig", "MrDPOTrainer", "sft_then_grpo"]
+__all__ = [
+    "GazalGRPOConfig",
+    "GazalGRPOTrainer",
+    "GazalSFTConfig",
+    "MTPConfig",
+    "MTPModel",
+    "MrDPOConfig",
+    "MrDPOTrainer",
+    "mtp_generate",
+    "sft_then_grpo",
+    "train_mtp",
+    "train_mtp_recipe",
+]

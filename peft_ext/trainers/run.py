@@ -322,6 +322,10 @@ def train_recipe(recipe: Recipe, resume: bool = False, quiet: bool = False) -> d
     t = recipe.trainer
     if t.name is None:
         raise ValueError("train_recipe runs recipes with a trainer section (trainer.name); use peft_ext.runner.train.")
+    if t.name == "mtp":  # its own loop, no TRL trainer
+        from .mtp import train_mtp_recipe
+
+        return train_mtp_recipe(recipe, resume=resume, quiet=quiet)
     torch.manual_seed(recipe.seed)
     run = _Run(recipe, resume, quiet)
     out = run.out
