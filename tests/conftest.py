@@ -107,6 +107,16 @@ def mlp_inputs():
     return torch.randn(5, 64)
 
 
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: tiny models run several times faster on one thread than on two contended ones
+    (thread hand-off dominates); the previous setting is restored after it."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 # ---------------------------------------------------------------------------------------------------------------------
 # PEFT's generic suite (tests/test_peft_generic.py): its pass / skip counts per method are published in the README's
 # methods table (docs/peft_generic_suite.json, rendered by scripts/gen_docs.py). When a session runs that whole module

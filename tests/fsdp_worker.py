@@ -37,6 +37,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ddp_worker import shutdown  # noqa: E402  (leave the process group, exit without interpreter teardown)
 
 VOCAB, SEQ_LEN, BATCH, STEPS, WORLD = 128, 12, 2, 3, 2
 DATA_SEED, LR = 7, 1e-2
@@ -224,16 +225,6 @@ def main(argv=None) -> None:
         (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(record))
         dist.barrier()
     shutdown()
-
-
-def shutdown() -> None:
-    """Leave the process group cleanly and exit without interpreter teardown (as ``tests/ddp_worker.py`` does)."""
-    from peft_ext.cli import _close_process_group
-
-    _close_process_group(wait=True)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 if __name__ == "__main__":

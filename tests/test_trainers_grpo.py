@@ -23,13 +23,7 @@ from peft_ext.trainers.gazal import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run several times faster on one thread than on two contended ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models run faster on one thread
 
 
 SFT_DATA = Dataset.from_dict({"prompt": ["Q1+1=", "Q2+2="],

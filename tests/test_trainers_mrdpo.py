@@ -19,13 +19,7 @@ from peft_ext.trainers._tiny import char_tokenizer
 PROMPTS = Dataset.from_dict({"q": ["1+3", "2+2", "3+1", "0+4"]})
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run ~7x faster on one thread than on two contended ones (thread hand-off dominates)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models run faster on one thread
 
 
 INPUT = torch.tensor([[5, 20, 21, 40, 41, 50, 7, 8], [9, 30, 31, 32, 60, 61, 62, 63]])

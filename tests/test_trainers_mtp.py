@@ -29,13 +29,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster than two that spin on a shared 2-core CI machine (seconds vs tens)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models run faster on one thread
 
 
 def mtp_model(seed: int = 0, random_adapter: bool = True, k: int = 3) -> MTPModel:
