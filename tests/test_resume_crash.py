@@ -1,5 +1,6 @@
 """Crash-safe runs: a SIGKILLed ``peft-ext train`` resumed with ``--resume`` ends like the uninterrupted run."""
 
+import json
 import os
 import random
 import shutil
@@ -44,12 +45,22 @@ def _kill_at(out, step, delay=0.0):
     proc = subprocess.Popen(_cmd(out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = Path(out) / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json"
     deadline = time.time() + 300
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+    # transformers writes trainer_state.json last but not atomically: wait until it is whole, so the checkpoint the
+    # test counts on is complete (a kill before that leaves nothing to resume from, which --resume reports as such)
+    while not _whole_json(marker) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     time.sleep(delay)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert marker.exists(), "the run ended before the checkpoint to kill at"
+    assert _whole_json(marker), "the run ended before the checkpoint to kill at"
+
+
+def _whole_json(path) -> bool:
+    try:
+        json.loads(Path(path).read_text())
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 def _resume_and_check(out, reference):
