@@ -36,23 +36,28 @@ def _weights(out):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "run"
-    subprocess.run(_cmd(out), check=True, env=_env(), capture_output=True, timeout=300)
+    subprocess.run(_cmd(out), check=True, env=_env(), capture_output=True, timeout=900)
     return _weights(out)
 
 
 def _kill_at(out, step, delay=0.0):
     """Start a run; SIGKILL it ``delay`` seconds after checkpoint-``step`` is complete (trainer_state.json written)."""
-    proc = subprocess.Popen(_cmd(out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = Path(str(out) + ".log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "wb") as sink:
+        proc = subprocess.Popen(_cmd(out), env=_env(), stdout=sink, stderr=subprocess.STDOUT)
     marker = Path(out) / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json"
-    deadline = time.time() + 300
+    deadline = time.time() + 900  # generous: a heavily loaded machine starves the run
     # transformers writes trainer_state.json last but not atomically: wait until it is whole, so the checkpoint the
     # test counts on is complete (a kill before that leaves nothing to resume from, which --resume reports as such)
     while not _whole_json(marker) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     time.sleep(delay)
+    ended = proc.poll()  # None: still running, as it should be
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert _whole_json(marker), "the run ended before the checkpoint to kill at"
+    assert _whole_json(marker), (f"no complete checkpoint-{step} (run exit status {ended}, None = killed after "
+                                 f"the deadline):\n{log.read_text()[-3000:]}")
 
 
 def _whole_json(path) -> bool:
@@ -64,7 +69,7 @@ def _whole_json(path) -> bool:
 
 
 def _resume_and_check(out, reference):
-    res = subprocess.run(_cmd(out, resume=True), env=_env(), capture_output=True, text=True, timeout=300)
+    res = subprocess.run(_cmd(out, resume=True), env=_env(), capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-2000:]
     assert (Path(out) / "metrics.json").is_file()
     got = _weights(out)
