@@ -53,6 +53,13 @@ def atomic_savefig(fig, path: PathLike, **kwargs) -> Path:
     return atomic_write(path, lambda f: fig.savefig(f, format="png", **kwargs), binary=True)
 
 
+def adapter_folder_is_whole(folder: PathLike) -> bool:
+    """True when ``folder`` holds what ``save_pretrained`` writes last-and-must-be-whole: ``adapter_config.json`` and a
+    whole ``adapter_model.safetensors`` (resume checks of the recipe trainers)."""
+    folder = Path(folder)
+    return (folder / "adapter_config.json").is_file() and safetensors_is_whole(folder / "adapter_model.safetensors")
+
+
 def safetensors_is_whole(path: PathLike) -> bool:
     """True when ``path`` is a safetensors file whose header parses and whose tensors all fit inside the file.
 

@@ -96,12 +96,16 @@ def _default(f: dataclasses.Field) -> str:
     return f"`{value!r}`".replace("|", "\\|")
 
 
+def _help(f: dataclasses.Field) -> str:
+    """A field's help text on one line, safe inside a table cell."""
+    return " ".join(str(f.metadata.get("help", "")).split()).replace("|", "\\|")
+
+
 def fields_table(config_cls) -> str:
     """Markdown table of a config's fields: name, default, help text."""
     lines = ["| field | default | what it does |", "|---|---|---|"]
     for f in config_fields(config_cls):
-        help_text = " ".join(str(f.metadata.get("help", "")).split()).replace("|", "\\|")
-        lines.append(f"| `{f.name}` | {_default(f)} | {help_text} |")
+        lines.append(f"| `{f.name}` | {_default(f)} | {_help(f)} |")
     return "\n".join(lines)
 
 
@@ -111,14 +115,12 @@ def recipe_keys_table() -> str:
 
     lines = ["| key | default | what it does |", "|---|---|---|"]
     for f in dataclasses.fields(Recipe):
-        help_text = " ".join(str(f.metadata.get("help", "")).split()).replace("|", "\\|")
         nested = f.default_factory if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
         if nested is not None and dataclasses.is_dataclass(nested):
             for sub in dataclasses.fields(nested):
-                sub_help = " ".join(str(sub.metadata.get("help", "")).split()).replace("|", "\\|")
-                lines.append(f"| `{f.name}.{sub.name}` | {_default(sub)} | {sub_help} |")
+                lines.append(f"| `{f.name}.{sub.name}` | {_default(sub)} | {_help(sub)} |")
         else:
-            lines.append(f"| `{f.name}` | {_default(f)} | {help_text} |")
+            lines.append(f"| `{f.name}` | {_default(f)} | {_help(f)} |")
     return "\n".join(lines)
 
 

@@ -128,6 +128,8 @@ SUITE_COUNTS = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "peft_generic_suite.json"
 )
 _suite = {"collected": 0, "deselected": 0, "seen": set(), "counts": {}}
+# a word of a test's parameter id -> its method: the method name, or its config class (PEFT's config-class tests)
+_SUITE_NAMES = {spec.name: spec.name for spec in METHODS} | {spec.config_cls.__name__: spec.name for spec in METHODS}
 
 
 def _suite_method(nodeid: str):
@@ -137,8 +139,7 @@ def _suite_method(nodeid: str):
 
     if SUITE_MODULE not in nodeid or "[" not in nodeid:
         return None
-    names = {spec.name: spec.name for spec in METHODS} | {spec.config_cls.__name__: spec.name for spec in METHODS}
-    found = {names[w] for w in re.split(r"[ \-\[\]]", nodeid.split("[", 1)[1]) if w in names}
+    found = {_SUITE_NAMES[w] for w in re.split(r"[ \-\[\]]", nodeid.split("[", 1)[1]) if w in _SUITE_NAMES}
     return found.pop() if len(found) == 1 else None
 
 

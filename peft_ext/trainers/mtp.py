@@ -761,11 +761,10 @@ def _plot(history: list[dict], path: Path) -> Optional[Path]:
 
 
 def _mtp_folder_complete(folder: Path) -> bool:
-    from .._io import safetensors_is_whole
+    from .._io import adapter_folder_is_whole, safetensors_is_whole
 
     return (
-        (folder / "adapter_config.json").is_file()
-        and safetensors_is_whole(folder / "adapter_model.safetensors")
+        adapter_folder_is_whole(folder)
         and (folder / CONFIG_FILE).is_file()
         and safetensors_is_whole(folder / HEAD_FILE)
     )

@@ -83,11 +83,9 @@ def _sft_data(rows):
 
 
 def _done(folder: Path) -> bool:
-    from .._io import safetensors_is_whole
+    from .._io import adapter_folder_is_whole
 
-    weights = list(folder.glob("adapter_model.safetensors"))
-    has_config = (folder / "adapter_config.json").is_file()
-    return has_config and bool(weights) and all(safetensors_is_whole(w) for w in weights)
+    return adapter_folder_is_whole(folder)
 
 
 class _Run:
