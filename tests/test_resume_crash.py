@@ -18,11 +18,13 @@ STEPS, SAVE = 16, 4
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _cmd(out, resume=False):
+def _cmd(out, resume=False, keep_all=False):
+    """The tiny run; ``keep_all`` turns checkpoint rotation off (the runner keeps 2), so the checkpoint a test kills
+    after still exists however fast the run goes on (a fast machine does all 16 steps in well under a second)."""
     cmd = [sys.executable, "-m", "peft_ext.cli", "train", str(ROOT / "recipes/tiny.yaml"),
            "--set", f"output_dir={out}", "--set", f"training.max_steps={STEPS}",
            "--set", f"training.save_steps={SAVE}", "--set", "evaluation.plot=false"]
-    return cmd + (["--resume"] if resume else [])
+    return cmd + (["--set", "training.save_total_limit=null"] if keep_all else []) + (["--resume"] if resume else [])
 
 
 def _env():
@@ -41,11 +43,12 @@ def reference(tmp_path_factory):
 
 
 def _kill_at(out, step, delay=0.0):
-    """Start a run; SIGKILL it ``delay`` seconds after checkpoint-``step`` is complete (trainer_state.json written)."""
+    """Start a run (rotation off); SIGKILL it ``delay`` seconds after checkpoint-``step`` is complete
+    (trainer_state.json written). The resumed run rotates as usual."""
     log = Path(str(out) + ".log")
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as sink:
-        proc = subprocess.Popen(_cmd(out), env=_env(), stdout=sink, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(_cmd(out, keep_all=True), env=_env(), stdout=sink, stderr=subprocess.STDOUT)
     marker = Path(out) / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json"
     deadline = time.time() + 900  # generous: a heavily loaded machine starves the run
     # transformers writes trainer_state.json last but not atomically: wait until it is whole, so the checkpoint the
@@ -66,6 +69,13 @@ def _whole_json(path) -> bool:
         return True
     except (OSError, ValueError):
         return False
+
+
+def _drop_checkpoints_after(out, step):
+    """Remove every checkpoint newer than ``step``: the state of a run killed right after saving checkpoint-step."""
+    for folder in (Path(out) / "checkpoints").glob("checkpoint-*"):
+        if int(folder.name.split("-")[1]) > step:
+            shutil.rmtree(folder)
 
 
 def _resume_and_check(out, reference):
@@ -92,6 +102,7 @@ def test_resume_survives_rotation_of_the_resumed_checkpoint(tmp_path, reference)
     before the run ends, and the run still finishes with metrics."""
     out = tmp_path / "run"
     _kill_at(out, SAVE)
+    _drop_checkpoints_after(out, SAVE)  # resume from checkpoint-4 whatever step the kill landed at
     _resume_and_check(out, reference)
     assert not (out / "checkpoints" / f"checkpoint-{SAVE}").exists(), "rotation did not happen; the test checks nothing"
 
@@ -99,11 +110,9 @@ def test_resume_survives_rotation_of_the_resumed_checkpoint(tmp_path, reference)
 def test_resume_skips_truncated_checkpoint(tmp_path, reference):
     out = tmp_path / "run"
     _kill_at(out, SAVE)
+    _drop_checkpoints_after(out, SAVE)
     ckpts = out / "checkpoints"
     good = ckpts / f"checkpoint-{SAVE}"
-    for extra in ckpts.glob("checkpoint-*"):
-        if extra != good:
-            shutil.rmtree(extra)
     bad = ckpts / f"checkpoint-{SAVE * 2}"  # a save killed midway: newest number, no state, truncated weights
     shutil.copytree(good, bad)
     (bad / "trainer_state.json").unlink()
