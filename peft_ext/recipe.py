@@ -93,7 +93,25 @@ class EvaluationSection:
     max_new_tokens: int = field(default=128, metadata={"help": "Token budget of each generated answer."})
 
 
-TRAINER_NAMES = ("sft", "dpo", "mrdpo", "grpo", "sft_grpo", "mtp")
+TRAINER_NAMES = ("sft", "dpo", "mrdpo", "grpo", "sft_grpo", "mtp", "planner", "lorid")
+
+# Trainers with their own loop (not one TRL trainer): name -> (module under peft_ext.trainers, config class, recipe
+# entry point, allowed data.name values). ``trainer.args`` holds the config class's fields; the module may define
+# ``check_recipe(recipe)`` raising ValueError for what else it needs (a method, a model task).
+OWN_LOOP_TRAINERS = {
+    "mtp": ("mtp", "MTPConfig", "train_mtp_recipe", ("gsm",)),
+    "planner": ("planner", "PlannerConfig", "train_planner_recipe", ("bfcl",)),
+    "lorid": ("lorid", "LoRIDConfig", "train_lorid_recipe", ("gsm",)),
+}
+
+
+def own_loop_trainer(name: str):
+    """``(module, config class, entry point, data names)`` of an own-loop trainer (imports its module)."""
+    import importlib
+
+    module_name, config_name, entry, data_names = OWN_LOOP_TRAINERS[name]
+    module = importlib.import_module(f"peft_ext.trainers.{module_name}")
+    return module, getattr(module, config_name), getattr(module, entry), data_names
 
 
 @dataclass
@@ -103,12 +121,14 @@ class TrainerSection:
     ``trainer: mrdpo`` is short for ``trainer: {name: mrdpo}``. These recipes train causal LMs on ``data.name: gsm``.
     """
 
-    name: Optional[Literal["sft", "dpo", "mrdpo", "grpo", "sft_grpo", "mtp"]] = field(
+    name: Optional[Literal["sft", "dpo", "mrdpo", "grpo", "sft_grpo", "mtp", "planner", "lorid"]] = field(
         default=None,
         metadata={"help": "sft: TRL SFT; dpo: one round of DPO on pairs from the model; mrdpo: multi-round DPO with "
                   "merge-and-reinit (video-SALMONN 2); grpo: GRPO; sft_grpo: SFT then GRPO on the same adapter "
                   "(Gazal-R1); mtp: multi-token prediction with gated LoRA (trainer.args = MTPConfig fields); "
-                  "null: the plain Trainer."},
+                  "planner: Octo-planner, one adapter per function domain merged into a planner plus an action "
+                  "adapter (trainer.args = PlannerConfig fields); lorid: LoRID's three interacting adapters with the "
+                  "consistency loop (trainer.args = LoRIDConfig fields); null: the plain Trainer."},
     )
     sft_steps: int = field(
         default=0,
@@ -148,7 +168,8 @@ class TrainerSection:
     )
     args: dict = field(
         default_factory=dict,
-        metadata={"help": "Extra keywords of the TRL config (MrDPOConfig, GazalSFTConfig, GazalGRPOConfig)."},
+        metadata={"help": "Extra keywords of the TRL config (MrDPOConfig, GazalSFTConfig, GazalGRPOConfig), or the "
+                  "settings of an own-loop trainer (MTPConfig, PlannerConfig, LoRIDConfig)."},
     )
 
 
@@ -340,10 +361,8 @@ def trainer_config_class(name: str):
         from .trainers.mrdpo import MrDPOConfig
 
         return MrDPOConfig
-    if name == "mtp":
-        from .trainers.mtp import MTPConfig
-
-        return MTPConfig
+    if name in OWN_LOOP_TRAINERS:
+        return own_loop_trainer(name)[1]
     if name == "sft":
         from .trainers.gazal import GazalSFTConfig
 
@@ -363,13 +382,15 @@ def _validate_trainer(recipe: Recipe) -> None:
             raise RecipeError(
                 f"trainer.{changed[0]} applies only with trainer.name set (one of {list(TRAINER_NAMES)}).")
         return
-    if recipe.model.task != "causal_lm" or recipe.data.name != "gsm":
-        raise RecipeError(f"trainer {t.name!r} needs model.task 'causal_lm' and data.name 'gsm'; got "
-                          f"{recipe.model.task!r} with {recipe.data.name!r}.")
+    data_names = OWN_LOOP_TRAINERS[t.name][3] if t.name in OWN_LOOP_TRAINERS else ("gsm",)
+    if recipe.model.task != "causal_lm" or recipe.data.name not in data_names:
+        raise RecipeError(f"trainer {t.name!r} needs model.task 'causal_lm' and data.name "
+                          f"{' or '.join(repr(d) for d in data_names)}; got {recipe.model.task!r} with "
+                          f"{recipe.data.name!r}.")
     if recipe.evaluation.ranks is not None:
         raise RecipeError(f"evaluation.ranks does not apply with trainer {t.name!r}.")
-    if t.name == "mtp":
-        _validate_mtp(recipe)
+    if t.name in OWN_LOOP_TRAINERS:
+        _validate_own_loop(recipe)
         return
     minimum = {"rounds": 1, "steps_per_round": 1, "grpo_steps": 1, "num_samples": 1, "max_new_tokens": 1,
                "num_generations": 2, "sft_steps": 0}
@@ -413,22 +434,32 @@ def _validate_trainer(recipe: Recipe) -> None:
     _check_training_types(t.args, config_cls)
 
 
-def _validate_mtp(recipe: Recipe) -> None:
-    """``trainer: mtp`` trains a gated LoRA with its own loop: settings come from ``trainer.args`` (MTPConfig)."""
-    from .trainers.mtp import MTPConfig
-
-    if recipe.method.name != "gated_lora":
-        raise RecipeError(f"trainer 'mtp' needs method.name 'gated_lora'; got {recipe.method.name!r}.")
+def _validate_own_loop(recipe: Recipe) -> None:
+    """An own-loop trainer (mtp, planner, lorid): settings come from ``trainer.args`` (its config class's fields), the
+    other trainer keys and ``training.*`` do not apply; the trainer module's ``check_recipe`` adds its own needs."""
+    t = recipe.trainer
+    try:
+        module, config_cls, _, _ = own_loop_trainer(t.name)
+    except ImportError as exc:
+        raise RecipeError(f"trainer {t.name!r} needs its extras: pip install 'peft-ext[trl,data]' ({exc}).") from exc
     if recipe.training:
-        raise RecipeError("training.* does not apply with trainer 'mtp': set trainer.args (MTPConfig fields).")
-    allowed = {f.name for f in dataclasses.fields(MTPConfig)}
-    for name in recipe.trainer.args:
+        raise RecipeError(f"training.* does not apply with trainer {t.name!r}: set trainer.args "
+                          f"({config_cls.__name__} fields).")
+    defaults = TrainerSection()
+    for f in dataclasses.fields(TrainerSection):
+        if f.name not in ("name", "args") and getattr(t, f.name) != getattr(defaults, f.name):
+            raise RecipeError(f"trainer.{f.name} does not apply with trainer {t.name!r}: set trainer.args "
+                              f"({config_cls.__name__} fields).")
+    allowed = {f.name for f in dataclasses.fields(config_cls) if f.init}
+    for name in t.args:
         if name not in allowed:
             raise unknown_key_error(f"trainer.args.{name}", name, allowed)
     try:
-        MTPConfig(**recipe.trainer.args)
+        config_cls(**t.args)
+        if hasattr(module, "check_recipe"):
+            module.check_recipe(recipe)
     except (TypeError, ValueError) as exc:
-        raise RecipeError(f"trainer.args: {exc}") from exc
+        raise RecipeError(f"trainer.args: {exc}" if not str(exc).startswith("trainer") else str(exc)) from exc
 
 
 def _check_training_types(training: dict, args_cls) -> None:

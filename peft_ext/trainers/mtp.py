@@ -770,6 +770,19 @@ def _mtp_folder_complete(folder: Path) -> bool:
     )
 
 
+def check_recipe(recipe) -> None:
+    """What ``trainer: mtp`` needs besides its ``trainer.args``: a gated LoRA on a causal LM, GSM prompts."""
+    if recipe.method.name != "gated_lora":
+        raise ValueError(
+            f"trainer 'mtp' needs method.name 'gated_lora' (the gate is the method); got {recipe.method.name!r}."
+        )
+    if recipe.model.task != "causal_lm" or recipe.data.name != "gsm":
+        raise ValueError(
+            f"trainer 'mtp' needs model.task 'causal_lm' and data.name 'gsm'; got {recipe.model.task!r} "
+            f"with {recipe.data.name!r}."
+        )
+
+
 def train_mtp_recipe(recipe, resume: bool = False, quiet: bool = False) -> dict:
     """``peft-ext train`` for multi-token prediction (https://arxiv.org/abs/2507.11851), ``trainer: {name: mtp, args:
     {...MTPConfig...}}``: self-generated greedy data on the recipe's GSM prompts, MTP training, the decoding measurement
@@ -782,15 +795,7 @@ def train_mtp_recipe(recipe, resume: bool = False, quiet: bool = False) -> dict:
     from ..recipe import to_dict
     from ..runner import build_peft_config, load_raw_splits, load_tokenizer_and_model
 
-    if recipe.method.name != "gated_lora":
-        raise ValueError(
-            f"trainer 'mtp' needs method.name 'gated_lora' (the gate is the method); got {recipe.method.name!r}."
-        )
-    if recipe.model.task != "causal_lm" or recipe.data.name != "gsm":
-        raise ValueError(
-            f"trainer 'mtp' needs model.task 'causal_lm' and data.name 'gsm'; got {recipe.model.task!r} "
-            f"with {recipe.data.name!r}."
-        )
+    check_recipe(recipe)
     config = mtp_config_from_recipe(recipe)
     torch.manual_seed(recipe.seed)
     began = time.time()

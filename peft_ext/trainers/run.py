@@ -24,7 +24,7 @@ from typing import Optional
 import numpy as np
 
 from .._io import atomic_savefig, atomic_write_json
-from ..recipe import Recipe, to_dict
+from ..recipe import OWN_LOOP_TRAINERS, Recipe, own_loop_trainer, to_dict
 
 
 def evaluate_generations(model, tokenizer, rows, n: int, max_new_tokens: int) -> dict:
@@ -320,10 +320,8 @@ def train_recipe(recipe: Recipe, resume: bool = False, quiet: bool = False) -> d
     t = recipe.trainer
     if t.name is None:
         raise ValueError("train_recipe runs recipes with a trainer section (trainer.name); use peft_ext.runner.train.")
-    if t.name == "mtp":  # its own loop, no TRL trainer
-        from .mtp import train_mtp_recipe
-
-        return train_mtp_recipe(recipe, resume=resume, quiet=quiet)
+    if t.name in OWN_LOOP_TRAINERS:  # mtp, planner, lorid: their own loops
+        return own_loop_trainer(t.name)[2](recipe, resume=resume, quiet=quiet)
     torch.manual_seed(recipe.seed)
     run = _Run(recipe, resume, quiet)
     out = run.out
