@@ -165,3 +165,28 @@ def test_minilm_path():
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     assert config["model_type"] == "bert" and config["hidden_size"] == 384 and config["num_hidden_layers"] == 6
     assert (folder / "model.safetensors").stat().st_size > 50_000_000
+
+
+@pytest.mark.parametrize("domain", ["tweets", "products", "editorials"])
+def test_other_vader_domains(domain, cache_dir):
+    """The three other ground-truth files parse completely, cache, and split like the movie reviews."""
+    from peft_ext.data import VADER_DOMAINS, load_vader_domain, vader_domain_rows
+
+    rows = vader_domain_rows(domain, cache_dir)
+    assert len(rows) == VADER_DOMAINS[domain][1]
+    assert all(-4.0 <= r["rating"] <= 4.0 and r["text"] for r in rows)
+    assert vader_domain_rows(domain, cache_dir) == rows  # second call served from the JSON cache
+    ds = load_vader_domain(domain, cache_dir, test_size=0.25, seed=1, max_examples=200)
+    assert len(ds["train"]) == 150 and len(ds["test"]) == 50
+    assert not set(ds["train"]["text"]) & set(ds["test"]["text"])
+    assert all(lab == int(r > 0) for lab, r in zip(ds["train"]["label"], ds["train"]["rating"]))
+    with pytest.raises(ValueError, match="VADER domain must be one of"):
+        vader_domain_rows("reviews", cache_dir)
+
+
+def test_movie_loader_is_the_movies_domain(cache_dir):
+    from peft_ext.data import load_vader_domain
+
+    a = load_movie_reviews(cache_dir, max_examples=64, seed=3)
+    b = load_vader_domain("movies", cache_dir, max_examples=64, seed=3)
+    assert a["test"]["text"] == b["test"]["text"] and a["train"]["rating"] == b["train"]["rating"]

@@ -1,4 +1,5 @@
-"""Movie-review sentiment snippets from the VADER paper, loaded offline from a PyPI source archive.
+"""Sentiment snippets from the VADER paper (movie reviews, tweets, product reviews, NYT editorials), loaded offline
+from a PyPI source archive.
 
 Source: C.J. Hutto and E. Gilbert, *VADER: A Parsimonious Rule-based Model for Sentiment Analysis of Social Media
 Text*, Eighth International AAAI Conference on Weblogs and Social Media (ICWSM-14), Ann Arbor, MI, June 2014.
@@ -7,7 +8,9 @@ The paper's data set ships inside the *source* distribution of ``vaderSentiment=
 ``additional_resources/hutto_ICWSM_2014.tar.gz``. That inner archive holds
 ``hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt``: 10,605 sentence-level snippets of rottentomatoes.com
 reviews (derived from the 2,000 reviews of Pang & Lee, 2004), tab separated as ``ID<TAB>MEAN-RATING<TAB>TEXT``,
-where the mean rating of at least 20 human raters lies in -4 (extremely negative) .. +4 (extremely positive).
+where the mean rating of at least 20 human raters lies in -4 (extremely negative) .. +4 (extremely positive). The
+same archive holds three more domains in the same layout (``VADER_DOMAINS``): 4,200 tweets, 3,708 amazon.com
+product-review snippets and 5,190 New York Times editorial snippets; ``load_vader_domain`` loads any of the four.
 
 ``ensure_vader_archive`` downloads the sdist once with ``pip download`` (PyPI is enough; the Hugging Face Hub is never
 contacted). ``load_movie_reviews`` reads the snippets straight from the two nested tar files, caches the parsed rows
@@ -37,6 +40,13 @@ INNER_ARCHIVE = "additional_resources/hutto_ICWSM_2014.tar.gz"
 MOVIE_MEMBER = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
 ROWS_FILE = f"vader_{VADER_VERSION}_movie_reviews.json"
 NUM_SNIPPETS = 10605
+# The four snippet domains of the paper's ground truth: name -> (file in the inner archive, number of snippets, what).
+VADER_DOMAINS = {
+    "movies": ("movieReviewSnippets_GroundTruth.txt", 10605, "rottentomatoes.com movie-review snippets"),
+    "tweets": ("tweets_GroundTruth.txt", 4200, "tweets"),
+    "products": ("amazonReviewSnippets_GroundTruth.txt", 3708, "amazon.com product-review snippets"),
+    "editorials": ("nytEditorialSnippets_GroundTruth.txt", 5190, "New York Times opinion-editorial snippets"),
+}
 LABEL_NAMES = ("negative", "positive")
 
 CITATION = (
@@ -133,21 +143,39 @@ def ensure_vader_archive(cache_dir: Optional[Union[str, os.PathLike]] = None) ->
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def parse_movie_reviews(sdist: Union[str, os.PathLike]) -> list[dict]:
-    """Parse all movie-review snippets of Hutto & Gilbert (VADER, ICWSM 2014) from the ``vaderSentiment`` sdist.
+def _check_domain(domain: str) -> tuple:
+    if domain not in VADER_DOMAINS:
+        raise ValueError(f"VADER domain must be one of {sorted(VADER_DOMAINS)}; got {domain!r}.")
+    return VADER_DOMAINS[domain]
 
-    Reads ``additional_resources/hutto_ICWSM_2014.tar.gz`` from the sdist in memory and, from it,
-    ``movieReviewSnippets_GroundTruth.txt`` (UTF-8, CRLF, ``ID<TAB>MEAN-RATING<TAB>TEXT``). Returns one dict per
-    line, in file order: ``{"id": int, "rating": float, "text": str}`` (10,605 rows).
+
+def _source_id(value: str):
+    """Movie and tweet ids are integers; product and editorial ids are ``review_sentence`` strings such as ``3_12``."""
+    return int(value) if value.isdigit() else value
+
+
+def _id_order(row: dict) -> tuple:
+    return tuple(int(part) for part in str(row["id"]).split("_"))
+
+
+def parse_vader_snippets(sdist: Union[str, os.PathLike], domain: str) -> list[dict]:
+    """Parse all snippets of one VADER ground-truth domain (``movies``, ``tweets``, ``products``, ``editorials``) from
+    the ``vaderSentiment`` sdist.
+
+    Reads ``additional_resources/hutto_ICWSM_2014.tar.gz`` from the sdist in memory and, from it, the domain's
+    ``*_GroundTruth.txt`` (UTF-8, ``ID<TAB>MEAN-RATING<TAB>TEXT``). Returns one dict per line, in file order:
+    ``{"id": int or str, "rating": float, "text": str}``.
     """
+    filename, expected, _ = _check_domain(domain)
+    member = f"hutto_ICWSM_2014/{filename}"
     inner = _read_inner_archive(Path(sdist))
     with tarfile.open(fileobj=io.BytesIO(inner), mode="r:gz") as tar:
         try:
-            handle = tar.extractfile(MOVIE_MEMBER)
+            handle = tar.extractfile(member)
         except KeyError:
             handle = None
         if handle is None:
-            raise ValueError(f"{INNER_ARCHIVE} in {sdist} has no file {MOVIE_MEMBER}.")
+            raise ValueError(f"{INNER_ARCHIVE} in {sdist} has no file {member}.")
         text = handle.read().decode("utf-8")
     rows = []
     for lineno, line in enumerate(text.splitlines(), start=1):
@@ -155,38 +183,50 @@ def parse_movie_reviews(sdist: Union[str, os.PathLike]) -> list[dict]:
             continue
         parts = line.split("\t", 2)
         if len(parts) != 3:
-            raise ValueError(f"{MOVIE_MEMBER}, line {lineno}: expected ID<TAB>RATING<TAB>TEXT; got {line[:80]!r}.")
-        rows.append({"id": int(parts[0]), "rating": float(parts[1]), "text": parts[2].strip()})
-    if len(rows) != NUM_SNIPPETS:
-        raise ValueError(f"{MOVIE_MEMBER} holds {len(rows)} snippets; expected {NUM_SNIPPETS}.")
+            raise ValueError(f"{member}, line {lineno}: expected ID<TAB>RATING<TAB>TEXT; got {line[:80]!r}.")
+        rows.append({"id": _source_id(parts[0].strip()), "rating": float(parts[1]), "text": parts[2].strip()})
+    if len(rows) != expected:
+        raise ValueError(f"{member} holds {len(rows)} snippets; expected {expected}.")
     return rows
 
 
-def movie_review_rows(cache_dir: Optional[Union[str, os.PathLike]] = None) -> list[dict]:
-    """All 10,605 movie-review snippets (``id``, ``rating``, ``text``) of Hutto & Gilbert (VADER, ICWSM 2014).
+def parse_movie_reviews(sdist: Union[str, os.PathLike]) -> list[dict]:
+    """The 10,605 movie-review snippets (``parse_vader_snippets(sdist, "movies")``)."""
+    return parse_vader_snippets(sdist, "movies")
 
-    Served from the JSON cache ``vader_3.3.2_movie_reviews.json`` in ``cache_dir`` when present; otherwise parsed from
-    the sdist (``ensure_vader_archive``, downloading it if needed) and cached with an atomic write.
+
+def vader_domain_rows(domain: str, cache_dir: Optional[Union[str, os.PathLike]] = None) -> list[dict]:
+    """All snippets (``id``, ``rating``, ``text``) of one VADER domain of Hutto & Gilbert (ICWSM 2014).
+
+    Served from the JSON cache (``vader_3.3.2_movie_reviews.json``, ``vader_3.3.2_<domain>.json``) in ``cache_dir``
+    when present; otherwise parsed from the sdist (``ensure_vader_archive``, downloading it if needed) and cached with
+    an atomic write.
     """
+    filename, expected, _ = _check_domain(domain)
     folder = _cache_dir(cache_dir)
-    cache = folder / ROWS_FILE
+    cache = folder / (ROWS_FILE if domain == "movies" else f"vader_{VADER_VERSION}_{domain}.json")
     if cache.is_file():
         try:
             with open(cache, encoding="utf-8") as f:
                 payload = json.load(f)
-            if payload.get("schema") == _ROWS_SCHEMA and len(payload.get("rows", ())) == NUM_SNIPPETS:
+            if payload.get("schema") == _ROWS_SCHEMA and len(payload.get("rows", ())) == expected:
                 return payload["rows"]
         except (OSError, ValueError, AttributeError):
             pass  # unreadable or stale cache: parse again
-    rows = parse_movie_reviews(ensure_vader_archive(folder))
+    rows = parse_vader_snippets(ensure_vader_archive(folder), domain)
     payload = {
         "schema": _ROWS_SCHEMA,
-        "source": f"{VADER_REQUIREMENT} sdist: {INNER_ARCHIVE} -> {MOVIE_MEMBER}",
+        "source": f"{VADER_REQUIREMENT} sdist: {INNER_ARCHIVE} -> hutto_ICWSM_2014/{filename}",
         "citation": CITATION,
         "rows": rows,
     }
     atomic_write_json(cache, payload, indent=None)
     return rows
+
+
+def movie_review_rows(cache_dir: Optional[Union[str, os.PathLike]] = None) -> list[dict]:
+    """All 10,605 movie-review snippets (``vader_domain_rows("movies", cache_dir)``)."""
+    return vader_domain_rows("movies", cache_dir)
 
 
 def load_movie_reviews(
@@ -196,7 +236,20 @@ def load_movie_reviews(
     max_examples: Optional[int] = None,
     neutral_margin: float = 0.0,
 ):
-    """Binary movie-review sentiment from Hutto & Gilbert, *VADER* (ICWSM 2014), as a train / test ``DatasetDict``.
+    """Binary movie-review sentiment (``load_vader_domain("movies", ...)``), a train / test ``DatasetDict``."""
+    return load_vader_domain("movies", cache_dir, test_size, seed, max_examples, neutral_margin)
+
+
+def load_vader_domain(
+    domain: str,
+    cache_dir: Optional[Union[str, os.PathLike]] = None,
+    test_size: Union[float, int] = 0.2,
+    seed: int = 0,
+    max_examples: Optional[int] = None,
+    neutral_margin: float = 0.0,
+):
+    """Binary sentiment of one VADER domain (``movies``, ``tweets``, ``products``, ``editorials``) from Hutto &
+    Gilbert, *VADER* (ICWSM 2014), as a train / test ``DatasetDict``.
 
     Works offline once the ``vaderSentiment==3.3.2`` sdist (or the parsed JSON cache) is in ``cache_dir`` (default
     ``$PEFT_EXT_CACHE`` or ``~/.cache/peft-ext``); otherwise the sdist is downloaded once from PyPI with pip.
@@ -205,6 +258,7 @@ def load_movie_reviews(
     (``ClassLabel``: 1 = positive if ``rating > 0``, 0 = negative if ``rating < 0``).
 
     Args:
+        domain: which ground-truth file (``VADER_DOMAINS``).
         cache_dir: where the sdist and the parsed rows are cached.
         test_size: fraction of the examples in ``test`` (float in (0, 1)) or their number (int); fractions round up.
         seed: seed of the shuffle; the same seed (and arguments) always gives the same splits.
@@ -212,32 +266,33 @@ def load_movie_reviews(
         neutral_margin: drop snippets with ``abs(rating) <= neutral_margin`` (>= 0). The default 0.0 drops only
             the snippets rated exactly 0; e.g. 1.0 keeps only clearly polar ones.
 
-    Snippets whose text occurs more than once (two pairs in the source, with the same polarity) are kept once, so
-    no text is in both splits. Rows are ordered by source id, shuffled with ``numpy.random.default_rng(seed)``, cut to
-    ``max_examples``, and the first ``n_test`` go to ``test``; a larger ``max_examples`` with the same seed therefore
-    extends the smaller selection.
+    Snippets whose text occurs more than once are kept once, so no text is in both splits. Rows are ordered by source
+    id, shuffled with ``numpy.random.default_rng(seed)``, cut to ``max_examples``, and the first ``n_test`` go to
+    ``test``; a larger ``max_examples`` with the same seed therefore extends the smaller selection.
     """
     import numpy as np
 
+    _, _, what = _check_domain(domain)
+    fn = "load_movie_reviews" if domain == "movies" else "load_vader_domain"
     try:
         from datasets import ClassLabel, Dataset, DatasetDict, DatasetInfo, Features, Value
     except ImportError as exc:  # not a core dependency of peft-ext
-        raise ImportError("load_movie_reviews needs the `datasets` package: pip install datasets") from exc
+        raise ImportError(f"{fn} needs the `datasets` package: pip install datasets") from exc
 
     if isinstance(neutral_margin, bool) or not isinstance(neutral_margin, (int, float)) or not neutral_margin >= 0:
-        raise ValueError(f"load_movie_reviews: neutral_margin must be a number >= 0; got {neutral_margin!r}.")
+        raise ValueError(f"{fn}: neutral_margin must be a number >= 0; got {neutral_margin!r}.")
     if max_examples is not None and (
         isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 2
     ):
-        raise ValueError(f"load_movie_reviews: max_examples must be an integer >= 2 or None; got {max_examples!r}.")
+        raise ValueError(f"{fn}: max_examples must be an integer >= 2 or None; got {max_examples!r}.")
     if isinstance(test_size, bool) or not isinstance(test_size, (int, float)):
-        raise ValueError(f"load_movie_reviews: test_size must be a float in (0, 1) or an int; got {test_size!r}.")
+        raise ValueError(f"{fn}: test_size must be a float in (0, 1) or an int; got {test_size!r}.")
     if isinstance(test_size, float) and not 0 < test_size < 1:
-        raise ValueError(f"load_movie_reviews: a float test_size must lie in (0, 1); got {test_size!r}.")
+        raise ValueError(f"{fn}: a float test_size must lie in (0, 1); got {test_size!r}.")
 
     seen: set[str] = set()
     kept = []
-    for row in sorted(movie_review_rows(cache_dir), key=lambda r: r["id"]):
+    for row in sorted(vader_domain_rows(domain, cache_dir), key=_id_order):
         key = " ".join(row["text"].split())
         if abs(row["rating"]) <= neutral_margin or key in seen:
             continue
@@ -251,7 +306,7 @@ def load_movie_reviews(
     n_test = math.ceil(n * test_size) if isinstance(test_size, float) else test_size
     if not 1 <= n_test <= n - 1:
         raise ValueError(
-            f"load_movie_reviews: test_size={test_size!r} gives {n_test} test examples out of {n}; both splits need "
+            f"{fn}: test_size={test_size!r} gives {n_test} test examples out of {n}; both splits need "
             f"at least one (neutral_margin={neutral_margin}, max_examples={max_examples})."
         )
 
@@ -267,7 +322,8 @@ def load_movie_reviews(
             "rating": [float(r["rating"]) for r in rows],
         }
         info = DatasetInfo(
-            description=DESCRIPTION,
+            description=DESCRIPTION if domain == "movies" else DESCRIPTION.replace(
+                "Movie-review snippets (rottentomatoes.com, via Pang & Lee 2004)", what[0].upper() + what[1:]),
             citation=CITATION,
             homepage="https://github.com/cjhutto/vaderSentiment",
             features=features,
