@@ -54,11 +54,22 @@ def logits(model):
         return model(input_ids=INPUT).logits.float()
 
 
-@pytest.mark.parametrize("spec", [pytest.param(None, id="lora")] + method_params(lambda s: s.mergeable))
-def test_round_identity_and_merge(spec, tmp_path):
-    config = lora() if spec is None else make_config(spec, LLAMA_TARGETS)
+def _lora_sb_identity():
+    from peft_ext.registry import get_method
+
+    return pytest.param(get_method("lora_sb"), {"r_init_std": 0.0}, id="lora_sb-r_init_std0")
+
+
+@pytest.mark.parametrize(
+    "spec,overrides",
+    [pytest.param(None, {}, id="lora")] + [pytest.param(*p.values, {}, id=p.id) for p in method_params(
+        lambda s: s.mergeable)] + [_lora_sb_identity()],
+)
+def test_round_identity_and_merge(spec, overrides, tmp_path):
+    config = lora() if spec is None else make_config(spec, LLAMA_TARGETS, **overrides)
     args = make_args(tmp_path)
-    if spec is not None and not spec.identity_at_init:  # the round's reference would not equal the policy
+    starts = getattr(config, "starts_at_identity", None)
+    if spec is not None and not (starts() if callable(starts) else spec.identity_at_init):  # ref would not = policy
         with pytest.raises(ValueError, match=f"fresh {spec.name} adapter changes the output"):
             MrDPOTrainer(model=tiny_llama(), args=args, peft_config=config, pair_builder=static_builder,
                          train_dataset=PROMPTS, processing_class=char_tokenizer())
@@ -156,6 +167,38 @@ def test_quantized_base_refused(tmp_path):
     with pytest.raises(ValueError, match="refuses a quantized base.*merge_dequantized=True"):
         MrDPOTrainer(model=q, args=make_args(tmp_path), peft_config=lora(), pair_builder=static_builder,
                      train_dataset=PROMPTS, processing_class=char_tokenizer())
+
+
+def test_merge_dequantized_trains_on_a_full_precision_copy(tmp_path):
+    """merge_dequantized=True: the 4-bit base is dequantized once; the rounds train and merge into that fp32 copy, so
+    the merged model equals the pre-merge policy to fp32 rounding and no weight is quantized any more."""
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    q = LlamaForCausalLM.from_pretrained(tmp_path / "base", quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32))
+    reference = logits(q)
+    seen = {}
+
+    def after_merge(trainer, k, record):
+        seen["merged"] = logits(trainer.model)
+
+    from transformers import TrainerCallback
+
+    class Probe(TrainerCallback):
+        def on_train_end(self, args, state, control, model=None, **kw):
+            seen["policy_end"] = logits(model)
+
+    trainer = MrDPOTrainer(model=q, args=make_args(tmp_path, merge_dequantized=True), peft_config=lora(),
+                           pair_builder=static_builder, train_dataset=PROMPTS, processing_class=char_tokenizer(),
+                           callbacks=[Probe()])
+    base = trainer.model.get_base_model()
+    assert not any("Linear4bit" in type(m).__name__ for m in base.modules())
+    with trainer.model.disable_adapter():  # the dequantized copy computes what the 4-bit model computed
+        assert rel_err(logits(trainer.model), reference) <= 1e-5
+    trainer.train(on_round_end=after_merge)
+    assert rel_err(seen["policy_end"], reference) > 1e-4  # the round trained
+    assert rel_err(seen["merged"], seen["policy_end"]) <= 1e-5  # fp32 merge into the dequantized weights
 
 
 @pytest.mark.parametrize(

@@ -139,9 +139,11 @@ def check_mergeable(peft_config) -> str:
     if not spec.mergeable:
         raise ValueError(f"MrDPOTrainer merges the adapter every round, and {spec.name} cannot be merged "
                          f"(routed per token). Use one of {mergeable}.")
-    if not spec.identity_at_init:
+    starts_at_identity = getattr(peft_config, "starts_at_identity", None)  # a config that knows (LoRA-SB)
+    if not (starts_at_identity() if callable(starts_at_identity) else spec.identity_at_init):
+        hint = " (LoRA-SB: set r_init_std=0 or compensate=True)" if spec.name == "lora_sb" else ""
         raise ValueError(f"MrDPOTrainer needs a fresh adapter that leaves the merged model unchanged (the round's "
-                         f"reference is the adapter disabled); a fresh {spec.name} adapter changes the output. "
+                         f"reference is the adapter disabled); a fresh {spec.name} adapter changes the output{hint}. "
                          f"Use one of {mergeable}.")
     return spec.name
 
@@ -239,6 +241,9 @@ class MrDPOTrainer(DPOTrainer):
                                  "re-quantizing them accumulates error. Load the base in full precision, or set "
                                  "MrDPOConfig(merge_dequantized=True) to merge into a dequantized copy.")
             model = model.dequantize()
+            # transformers leaves is_loaded_in_4bit/8bit set after dequantize(); TRL reads them and would cast the
+            # adapter to bf16 (its QLoRA rule), which makes the fp32 merge inexact. The copy is full precision now.
+            model.is_loaded_in_4bit = model.is_loaded_in_8bit = False
         if optimizers != (None, None):
             raise ValueError("MrDPOTrainer rebuilds the optimizer and scheduler every round (the adapter is new); "
                              "custom optimizers= are not supported, set optim / lr_scheduler_type in MrDPOConfig.")

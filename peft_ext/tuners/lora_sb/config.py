@@ -139,6 +139,12 @@ class LoraSBConfig(ExtConfig):
             raise bad_value(self, "seed", self.seed, "an integer in [0, 2**31)")
         self.check_finite("r_init_std", strict=False)
 
+    def starts_at_identity(self) -> bool:
+        """Whether a fresh adapter of this config leaves the base output exactly unchanged: with ``compensate``, with
+        the ``gradient`` placeholder (R = 0 until ``lora_sb_init`` runs), or with ``svd`` and ``r_init_std=0``. Used by
+        recipes that need a fresh adapter to be an identity (mrDPO's per-round reinit)."""
+        return self.compensate or self.init == "gradient" or self.r_init_std == 0
+
     @property
     def scaling(self) -> float:
         """``s = lora_alpha / r`` (1 when ``lora_alpha`` is None)."""
