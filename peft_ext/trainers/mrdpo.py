@@ -1,7 +1,7 @@
 """Multi-round DPO with LoRA merge-and-reinit (mrDPO) and rebirth SFT, on TRL's ``DPOTrainer``.
 
-Paper: *Enhancing Multimodal LLM for Detailed and Accurate Video Captioning using Multi-Round Preference Optimization*
-(video-SALMONN 2, https://arxiv.org/abs/2506.15220); official code https://github.com/bytedance/video-SALMONN-2
+Paper: *video-SALMONN 2: Captioning-Enhanced Audio-Visual Large Language Models* (https://arxiv.org/abs/2506.15220);
+official code https://github.com/bytedance/video-SALMONN-2
 (``llava/train/dpo_trainer.py``: ``dpo_loss``, ``get_batch_logps``, ``compute_loss``; ``llava/train/train.py``:
 ``merge_and_new_lora``).
 
@@ -199,14 +199,12 @@ class MrDPOTrainer(DPOTrainer):
     _tag_names = ["trl", "dpo", "mrdpo", "peft-ext"]
     _name = "mrDPO"
     _paper = {
-        "title": "Enhancing Multimodal LLM for Detailed and Accurate Video Captioning using Multi-Round Preference "
-                 "Optimization",
+        "title": "video-SALMONN 2: Captioning-Enhanced Audio-Visual Large Language Models",
         "id": "2506.15220",
         # docstyle-ignore
         "citation": textwrap.dedent("""\
-            @article{tang2025enhancing,
-                title   = {{Enhancing Multimodal LLM for Detailed and Accurate Video Captioning using Multi-Round
-                            Preference Optimization}},
+            @article{tang2025videosalmonn2,
+                title   = {{video-SALMONN 2: Captioning-Enhanced Audio-Visual Large Language Models}},
                 author  = {Changli Tang and Yixuan Li and Yudong Yang and Jimin Zhuang and Guangzhi Sun and Wei Li
                            and Zejun Ma and Chao Zhang},
                 year    = 2025,
