@@ -91,6 +91,11 @@ class LoRIDConfig:
     eval_problems: int = field(
         default=50, metadata={"help": "Test problems evaluated (the first ones of the recipe's eval split)."}
     )
+    eval_time_budget_s: Optional[float] = field(
+        default=None,
+        metadata={"help": "Stop evaluating after the problem during which this many seconds of evaluation passed (a "
+                  "CPU budget; metrics say how many problems ran); None: all eval_problems."},
+    )
     sample_batch_size: int = field(
         default=20, metadata={"help": "Sequences per generate() call while sampling (memory, not results)."}
     )
@@ -109,6 +114,12 @@ class LoRIDConfig:
         ):
             raise ValueError(f"LoRIDConfig.majority_samples must be None or an integer >= 1; got "
                              f"{self.majority_samples!r}.")
+        if self.eval_time_budget_s is not None and (
+            isinstance(self.eval_time_budget_s, bool) or not isinstance(self.eval_time_budget_s, (int, float))
+            or not self.eval_time_budget_s > 0
+        ):
+            raise ValueError(f"LoRIDConfig.eval_time_budget_s must be None or a number > 0; got "
+                             f"{self.eval_time_budget_s!r}.")
         checks = {
             "learning_rate": lambda v: v > 0,
             "warmup_ratio": lambda v: 0 <= v < 1,
@@ -428,12 +439,16 @@ def markdown_table(rows: list[dict], extra: Optional[dict] = None) -> str:
 
 
 def evaluate_lorid(model, tokenizer, rows, config: LoRIDConfig, seed: int = 0, quiet: bool = False) -> dict:
-    """Sample and score ``rows`` (questions with answers); problem ``i`` uses seeds ``seed + 10·i + ...``."""
+    """Sample and score ``rows`` (questions with answers), stopping early once ``eval_time_budget_s`` has passed;
+    problem ``i`` uses seeds ``seed + 10·i + ...``."""
     from tqdm.auto import tqdm
 
     model.eval()
     per_problem = []
+    began = time.perf_counter()
     for i, row in enumerate(tqdm(list(rows), desc="lorid eval", disable=quiet)):
+        if config.eval_time_budget_s is not None and time.perf_counter() - began > config.eval_time_budget_s:
+            break
         samples = sample_problem(model, tokenizer, row["question"], config, seed=seed + 10 * i)
         record = score_problem(samples, row["answer"], config)
         record["question"] = row["question"]
@@ -581,7 +596,8 @@ def train_lorid_recipe(recipe, resume: bool = False, quiet: bool = False, on_tra
         "lorid": asdict(config),
         "knowledge": "offline: gsm_symbolic template solution steps without numbers (peft_ext.data.gsm_knowledge), "
                      "not the official GPT-4o rules",
-        "budget": {"steps_per_adapter": config.steps, "train_rows": len(train_rows), "eval_problems": len(rows),
+        "budget": {"steps_per_adapter": config.steps, "train_rows": len(train_rows),
+                   "eval_problems": len(result["per_problem"]), "eval_problems_asked": len(rows),
                    "trained_now": trained, "train_time_s": train_time, "eval_time_s": eval_time,
                    "samples_generated_per_problem": result["samples_generated_per_problem"]},
         "table": result["table"],
@@ -596,7 +612,8 @@ def train_lorid_recipe(recipe, resume: bool = False, quiet: bool = False, on_tra
     if recipe.evaluation.plot:
         _plot(history, result["table"], out / "results.png")
     if not quiet:
-        print(f"lorid — {recipe.name}: {len(rows)} problems, mean iterations {metrics['mean_iterations']}")
+        print(f"lorid — {recipe.name}: {len(result['per_problem'])} problems, mean iterations "
+              f"{metrics['mean_iterations']}")
         print(markdown_table(result["table"]))
         print(f"adapters: {folder}  metrics: {out / 'metrics.json'}")
     return metrics
