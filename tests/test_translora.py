@@ -258,3 +258,37 @@ def test_student_adapter_that_cannot_become_a_lora():
     with pytest.raises(ValueError) as exc_info:
         train_student(tiny_target(), tok, TEXTS[:2], [0, 1], small_config(), peft_config="lora")
     _one_line_error(exc_info, "student_peft_config")
+
+
+def test_upstream_adapter_that_cannot_become_a_lora():
+    from peft import IA3Config
+
+    tok = char_tokenizer()
+    ia3 = IA3Config(target_modules=["q_proj", "v_proj"], feedforward_modules=[], task_type="CAUSAL_LM")
+    with pytest.raises(ValueError) as exc_info:
+        train_student(tiny_target(), tok, TEXTS[:2], [0, 1], small_config(), peft_config=ia3)
+    _one_line_error(exc_info, "student_peft_config", "IA3")
+
+
+def test_lora_convertible_student_is_written_as_a_plain_lora(tmp_path):
+    """A DyLoRA student (rank 2) is saved through save_as_lora at rank 2: its ΔW has rank <= 2, so the plain LoRA
+    reproduces its scores up to float32 SVD error (atol 1e-4 on logits of magnitude ~1)."""
+    import json
+
+    from peft import PeftModel
+
+    import peft_ext
+    from peft_ext.generation.translora import save_student
+
+    tok = char_tokenizer()
+    config = small_config(student_steps=3, student_lr=1e-2)
+    student = train_student(tiny_target(), tok, TEXTS[:4], [0, 1, 1, 0], config,
+                            peft_config=peft_ext.DyLoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    save_student(student, tmp_path / "out", tok, rank=2)
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    loaded = PeftModel.from_pretrained(tiny_target(), tmp_path / "out").eval()
+    expected = one_by_one(student, tok, TEXTS, config.label_words, config.student_prompt)
+    got = one_by_one(loaded, tok, TEXTS, config.label_words, config.student_prompt)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    base = one_by_one(tiny_target(), tok, TEXTS, config.label_words, config.student_prompt)
+    assert (expected - base).abs().max() > 1e-3  # the adapter changed the scores, so the comparison means something
