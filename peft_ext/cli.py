@@ -5,6 +5,7 @@
     peft-ext compare recipes/quickstart.yaml --methods lora,dylora,nola
     peft-ext export out/quickstart/adapter --to lora --out out/quickstart/lora [--rank 8]
     peft-ext push out/quickstart/adapter user/my-adapter [--private] [--base-model ID] [--dry-run [--out FOLDER]]
+    peft-ext merge A B C --rule lego|linear|ties|dare_ties|cat|svd [-k 8] [--weights 1 1 1] [--density 0.5] --out DIR
     peft-ext methods
 
 Recipes are YAML files (``peft_ext/recipe.py`` documents every key). Every method comes from the registry; the
@@ -68,6 +69,16 @@ def _parser() -> argparse.ArgumentParser:
     h.add_argument("--private", action="store_true")
     h.add_argument("--token", help="Hub token (default: the logged-in one)")
 
+    g = sub.add_parser("merge", help="merge adapters into one plain LoRA (LoRA-LEGO or PEFT's merge rules)")
+    g.add_argument("adapters", nargs="+", help="adapter folders (LoRA, or peft-ext adapters that export to LoRA)")
+    g.add_argument("--rule", choices=["lego", "linear", "ties", "dare_ties", "cat", "svd"], default="lego",
+                   help="lego: rank-wise clustering (needs -k); the others: PEFT's add_weighted_adapter")
+    g.add_argument("-k", type=int, help="rank of the merged LoRA (lego, svd; linear/ties/dare_ties: their SVD form)")
+    g.add_argument("--weights", type=float, nargs="+", metavar="W", help="one weight per adapter (default 1)")
+    g.add_argument("--density", type=float, help="fraction of entries kept by ties / dare_ties (default 0.5)")
+    g.add_argument("--seed", type=int, default=0, help="k-means seed of the lego rule")
+    g.add_argument("--out", required=True, help="folder for the merged LoRA adapter")
+
     sub.add_parser("methods", help="list the registered methods and their papers")
     return p
 
@@ -79,7 +90,7 @@ def main(argv=None) -> int:
 
     try:
         status = {"train": cmd_train, "eval": cmd_eval, "compare": cmd_compare, "export": cmd_export,
-                  "push": cmd_push, "methods": cmd_methods}[args.command](args)
+                  "push": cmd_push, "merge": cmd_merge, "methods": cmd_methods}[args.command](args)
     except (RecipeError, UsageError, FileNotFoundError, NotADirectoryError, FileExistsError) as exc:
         _close_process_group(wait=False)
         if args.debug:
@@ -322,6 +333,20 @@ def cmd_push(args) -> int:
     except PushError as exc:
         raise UsageError(str(exc).removeprefix("push: ")) from exc
     print(f"pushed {args.adapter} to {args.repo_id}")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    """``peft-ext merge``: ``peft_ext.merging.merge_adapters`` on adapter folders, written as a plain LoRA folder."""
+    from .merging import MergeInputError
+    from .merging.merge import merge_adapters
+
+    try:
+        _, config = merge_adapters(args.adapters, rule=args.rule, k=args.k, weights=args.weights,
+                                   density=args.density, seed=args.seed, out=args.out)
+    except MergeInputError as exc:
+        raise UsageError(str(exc)) from exc
+    print(f"merged {len(args.adapters)} adapters by {args.rule} into a rank-{config.r} LoRA: {args.out}")
     return 0
 
 

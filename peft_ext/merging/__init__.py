@@ -6,6 +6,7 @@ take PEFT LoRA adapters, or peft-ext adapters that export to LoRA, and give a pl
 
 from .adapters import LoraView, MergeInputError, load_adapter, write_lora_folder
 from .lego import add_lego_adapter, kmeans, lego_merge
+from .merge import RULES, merge_adapters
 
-__all__ = ["LoraView", "MergeInputError", "add_lego_adapter", "kmeans", "lego_merge", "load_adapter",
-           "write_lora_folder"]
+__all__ = ["RULES", "LoraView", "MergeInputError", "add_lego_adapter", "kmeans", "lego_merge", "load_adapter",
+           "merge_adapters", "write_lora_folder"]
