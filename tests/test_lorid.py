@@ -153,7 +153,8 @@ def _tiny(tmp_path: Path, **args) -> dict:
 
 
 @pytest.mark.parametrize("field,value", [("temperature", 0), ("top_p", 1.5), ("max_iterations", 0),
-                                         ("majority_samples", -1), ("lr_scheduler_type", "zigzag"), ("steps", 1.5)])
+                                         ("majority_samples", -1), ("lr_scheduler_type", "zigzag"), ("steps", 1.5),
+                                         ("eval_time_budget_s", 0)])
 def test_bad_settings_name_their_field(tmp_path, field, value):
     with pytest.raises(ValueError, match=f"LoRIDConfig.{field}"):
         LoRIDConfig(**{field: value})
