@@ -493,3 +493,131 @@ def ground_truth_call(answer: str) -> str:
     if len(rendered) == 1:
         return rendered[0]
     return "[" + ", ".join(rendered) + "]"
+
+
+# -------------------------------------------------------------------------------------------- function subsets, plans
+#: Function domains of the Octo-planner recipe (``peft_ext.trainers.planner``), in the order they are tried. A
+#: function's domain is that of the first of its name's words (split at ``.``, ``_`` and camelCase) found in one of
+#: these keyword lists, else of the first such word of its description, else ``"other"``. BFCL has no domain field; the
+#: lists were written by reading the function names of the four Python call categories (simple, multiple, parallel,
+#: parallel_multiple), which they split into math 186 rows, science 185, finance 114, society 144, leisure 278 and
+#: other 93.
+FUNCTION_DOMAINS = {
+    "math": (
+        "math mathematics geometry calculus algebra arithmetic area perimeter circle triangle rectangle polygon square "
+        "root factorial prime gcd hcf lcm fibonacci derivative integral integrate equation quadratic polynomial matrix "
+        "vector number numbers probability probabilities statistics statistic mean median average variance deviation "
+        "random distribution permutation combination binomial sum sequence angle hypotenuse roots solve linear "
+        "regression trigonometry sine cosine logarithm exponent percentage fraction prob dist ttest chi squared slope "
+        "sort list array gradient anova correlation"
+    ).split(),
+    "science": (
+        "physics kinematics chemistry chemical biology cellbio genetics genetic gene dna protein cell mutation ecology "
+        "thermo thermodynamics electromagnetic electric magnetic force velocity acceleration energy gravity mass "
+        "density pressure temperature heat wave light speed frequency molecule molecular element atom atomic reaction "
+        "species population evolution evolutionary astronomy planet star galaxy earthquake weather climate forest air "
+        "pollution environment environmental carbon emission emissions diabetes health medical water weight space "
+        "nutrition displacement neuronal fitness"
+    ).split(),
+    "finance": (
+        "finance financial financials stock stocks investment invest portfolio currency exchange loan mortgage "
+        "interest tax salary bank banking price market economy economic dividend bond revenue profit cost budget "
+        "payment fund crypto bitcoin inflation credit depreciation roi npv corporate accounting instrument"
+    ).split(),
+    "society": (
+        "law lawsuit lawsuits legal court case cases lawyer attorney judge crime crimes criminal patent history "
+        "historical historic religion religious war president election politics government census country countries "
+        "museum art artwork sculpture painting artist culture library author novel literature exhibition"
+    ).split(),
+    "leisure": (
+        "sports sport game games player team league match soccer football basketball baseball tennis chess poker "
+        "board concert music musical song album movie movies film imdb tv show restaurant restaurants recipe recipes "
+        "booking book food cooking grocery supermarket hotel flight travel trip route map maps directions ride event "
+        "events ticket park parks tourist vacation shopping store walmart city distance timezone news pokemon"
+    ).split(),
+}
+OTHER_DOMAIN = "other"
+_DOMAIN_OF = {}
+for _domain, _words in FUNCTION_DOMAINS.items():
+    for _word in _words:
+        _DOMAIN_OF.setdefault(_word, _domain)
+
+
+def _words(text: str) -> list[str]:
+    text = re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", text or "")
+    return [w for w in re.split(r"[^a-z0-9]+", text.lower()) if w]
+
+
+def function_domain(function: Union[dict, str]) -> str:
+    """The domain (a key of ``FUNCTION_DOMAINS`` or ``"other"``) of one BFCL function spec, or of a bare name.
+
+    The first word of the name (split at ``.``, ``_``, camelCase) found in a keyword list decides; if none is, the first
+    such word of the description; else ``"other"``. E.g. ``math.factorial`` → math, ``get_stock_data`` → finance."""
+    if isinstance(function, str):
+        name, description = function, ""
+    elif isinstance(function, dict) and isinstance(function.get("name"), str):
+        name, description = function["name"], str(function.get("description") or "")
+    else:
+        raise ValueError(f"function_domain: expected a BFCL function spec with a 'name' or a name; got {function!r}.")
+    for word in _words(name) + _words(description):
+        if word in _DOMAIN_OF:
+            return _DOMAIN_OF[word]
+    return OTHER_DOMAIN
+
+
+def expected_function_names(answer: str) -> list[str]:
+    """The function names of the ground-truth calls of ``answer`` (the ``answer`` column), in order."""
+    expected = json.loads(answer) if isinstance(answer, str) else answer
+    return [next(iter(call)) for call in expected]
+
+
+def function_subset(row: dict) -> str:
+    """The ``function_subset`` of one ``load_bfcl`` row: the most frequent ``function_domain`` among the functions of
+    its ground-truth calls (ties: the earliest call's), each looked up in the offered ``functions`` by name (a name
+    not offered is classified by the name alone). Irrelevance rows (no call) use the offered functions instead."""
+    offered = {f.get("name"): f for f in json.loads(row["functions"]) if isinstance(f, dict)}
+    names = expected_function_names(row["answer"]) or list(offered)
+    domains = [function_domain(offered.get(name, name)) for name in names]
+    if not domains:
+        return OTHER_DOMAIN
+    counts = {d: domains.count(d) for d in domains}
+    return max(domains, key=lambda d: (counts[d], -domains.index(d)))
+
+
+def add_function_subsets(dataset):
+    """``dataset`` (a ``load_bfcl`` split or ``DatasetDict``) with the ``function_subset`` column."""
+    return dataset.map(lambda row: {"function_subset": function_subset(row)})
+
+
+def plan_steps(answer: str) -> list[str]:
+    """One plan step per ground-truth call, each naming its function: ``["Call math.factorial", ...]``."""
+    return [f"Call {name}" for name in expected_function_names(answer)]
+
+
+def plan_target(answer: str) -> str:
+    """The Octo-planner target of a row: a numbered plan, one step per ground-truth call (``1. Call f\\n2. Call g``);
+    a query with several calls (BFCL multiple / parallel) gives a multi-step plan, no call gives ``""``."""
+    return "\n".join(f"{i}. {step}" for i, step in enumerate(plan_steps(answer), 1))
+
+
+def split_answer(answer: str) -> list[str]:
+    """The ground truth ``answer`` as one single-call answer per expected call (JSON strings, for ``score_bfcl`` and
+    ``ground_truth_call`` one step at a time)."""
+    expected = json.loads(answer) if isinstance(answer, str) else answer
+    return [json.dumps([call], ensure_ascii=False) for call in expected]
+
+
+def function_signature(function: dict, max_description: int = 120) -> str:
+    """A compact one-line form of a BFCL function spec for prompts: ``name(p: type, q: type = optional) - what it
+    does`` (the description cut to ``max_description`` characters at a word boundary)."""
+    params = function.get("parameters") or {}
+    props = params.get("properties") or {}
+    required = set(params.get("required") or ())
+    parts = []
+    for key, spec in props.items():
+        kind = spec.get("type", "any") if isinstance(spec, dict) else "any"
+        parts.append(f"{key}: {kind}" + ("" if key in required else " = optional"))
+    description = " ".join(str(function.get("description") or "").split())
+    if len(description) > max_description:
+        description = description[:max_description].rsplit(" ", 1)[0] + " ..."
+    return f"{function.get('name')}({', '.join(parts)})" + (f" - {description}" if description else "")
