@@ -60,7 +60,7 @@ from peft_ext._io import atomic_write_json
 from peft_ext.data import VADER_DOMAINS, load_vader_domain, minilm_path
 from peft_ext.generation import IcmLoraConfig, icm_fusion, task_condition, train_lora_cvae
 
-FULL = {"n_train": 320, "n_test": 200, "epochs": 4, "keep": 6, "cvae_epochs": 120, "samples": 2, "cond_prompts": 32}
+FULL = {"n_train": 320, "n_test": 160, "epochs": 4, "keep": 6, "cvae_epochs": 100, "samples": 2, "cond_prompts": 32}
 QUICK = {"n_train": 48, "n_test": 48, "epochs": 2, "keep": 3, "cvae_epochs": 8, "samples": 1, "cond_prompts": 8}
 
 
@@ -137,8 +137,20 @@ def train_domain(args, path, tokenizer, lora_config, data) -> tuple:
     return checkpoints, time.perf_counter() - start
 
 
-def flat(state_dict: dict) -> torch.Tensor:
-    return torch.cat([state_dict[k].double().reshape(-1) for k in sorted(state_dict)])
+def delta_w(state_dict: dict) -> torch.Tensor:
+    """Every module's ``B @ A`` flattened and concatenated: what the adapter adds to the weights. (The raw factors
+    are a poor measure here: every domain's LoRA starts from the same seeded A, so their A stay alike.)"""
+    keys = sorted(k for k in state_dict if "lora_A." in k)
+    return torch.cat([(state_dict[k.replace("lora_A.", "lora_B.")].double() @ state_dict[k].double()).reshape(-1)
+                      for k in keys])
+
+
+def head(state_dict: dict) -> torch.Tensor:
+    return torch.cat([state_dict[k].double().reshape(-1) for k in sorted(state_dict) if "lora_" not in k])
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return round(torch.nn.functional.cosine_similarity(a, b, dim=0).item(), 4)
 
 
 def main(argv: Optional[list] = None) -> dict:
@@ -146,6 +158,9 @@ def main(argv: Optional[list] = None) -> dict:
     from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
     from transformers import AutoTokenizer
 
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # the "classifier newly initialised" report, once per model load
     t_all = time.perf_counter()
     path = str(minilm_path())
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -198,14 +213,15 @@ def main(argv: Optional[list] = None) -> dict:
         return accuracy(evaluator, tokenizer, data[domain]["test"], args.max_length)
 
     originals = {d: checkpoints[d][-1] for d in names}
+    result["original_delta_w_cosine"] = {a: {b: cosine(delta_w(originals[a]), delta_w(originals[b])) for b in names}
+                                         for a in names}
     base_eval = load_base(path, args.seed)
     work = Path(tempfile.mkdtemp(prefix="repro-icm-"))
     for d in names:
         labels = data[d]["test"]["label"]
         row = {"n_test": len(labels), "majority": max(sum(labels), len(labels) - sum(labels)) / len(labels),
                "base": accuracy(base_eval, tokenizer, data[d]["test"], args.max_length),
-               "original": acc_of(originals[d], d),
-               "original_cross": {o: acc_of(originals[o], d) for o in names if o != d}}
+               "original": acc_of(originals[d], d)}
         samples = generator.generate(task=d, num_samples=args.samples, seed=0)
         folder = generator.save_adapter(samples[0], work / f"generated-{d}")
         loaded = PeftModel.from_pretrained(load_base(path, args.seed), str(folder))  # the folder loads in PEFT
@@ -213,12 +229,13 @@ def main(argv: Optional[list] = None) -> dict:
         row["generated"] += [acc_of(s, d) for s in samples[1:]]
         zero = generator.generate(task=d, latent="zero")[0]
         row["generated_z0"] = acc_of(zero, d)
-        row["generated_cosine_to_originals"] = {
-            o: round(torch.nn.functional.cosine_similarity(flat(samples[0]), flat(originals[o]), dim=0).item(), 4)
-            for o in names}
-        row["checkpoint_cosine_to_original"] = [
-            round(torch.nn.functional.cosine_similarity(flat(c), flat(originals[d]), dim=0).item(), 4)
-            for c in checkpoints[d][-args.keep:]]
+        row["delta_w_cosine_generated_vs_originals"] = {o: cosine(delta_w(samples[0]), delta_w(originals[o]))
+                                                        for o in names}
+        row["delta_w_cosine_generated_z0_vs_originals"] = {o: cosine(delta_w(zero), delta_w(originals[o]))
+                                                           for o in names}
+        row["head_cosine_generated_vs_originals"] = {o: cosine(head(samples[0]), head(originals[o])) for o in names}
+        row["delta_w_cosine_checkpoints_vs_original"] = [cosine(delta_w(c), delta_w(originals[d]))
+                                                         for c in checkpoints[d][-args.keep:]]
         result["domains"][d] = row
         print(f"[eval] {d}: base {row['base']:.3f} original {row['original']:.3f} generated "
               f"{[round(a, 3) for a in row['generated']]} z0 {row['generated_z0']:.3f}", flush=True)
@@ -253,16 +270,17 @@ def main(argv: Optional[list] = None) -> dict:
     result["times_s"]["total"] = round(time.perf_counter() - t_all, 1)
     result["load_average_end"] = benchlib.load_average()
 
-    head = ["domain", "majority", "base", "original", "generated (z~N(0,I))", "generated (z=0)",
-            "cos(gen, own orig)", "max cos(gen, other orig)"]
+    columns = ["domain", "majority", "base", "original", "generated (z~N(0,I))", "generated (z=0)",
+               "cos ΔW (z=0, own)", "max cos ΔW (z=0, other domains)"]
     rows = []
     for d in names:
         r = result["domains"][d]
-        others = [v for o, v in r["generated_cosine_to_originals"].items() if o != d]
+        cos0 = r["delta_w_cosine_generated_z0_vs_originals"]
+        others = [v for o, v in cos0.items() if o != d]
         rows.append([d, fmt(r["majority"], ".3f"), fmt(r["base"], ".3f"), fmt(r["original"], ".3f"),
                      " / ".join(f"{a:.3f}" for a in r["generated"]), fmt(r["generated_z0"], ".3f"),
-                     fmt(r["generated_cosine_to_originals"][d], ".3f"), fmt(max(others, default=None), ".3f")])
-    table1 = markdown(head, rows)
+                     fmt(cos0[d], ".3f"), fmt(max(others, default=None), ".3f")])
+    table1 = markdown(columns, rows)
     fusion_rows = []
     for name, accs in result["fusion"].items():
         mean = sum(accs.values()) / len(accs)

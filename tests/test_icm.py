@@ -212,6 +212,31 @@ def test_training_from_folders_keeps_their_lora_config(tmp_path):
     assert torch.allclose(generator.stats["t"][0], torch.stack([last[k].double().mean() for k in sorted(last)]))
 
 
+def test_task_condition_pools_the_last_real_token_under_padding():
+    from peft_ext.generation import task_condition
+    from peft_ext.trainers._tiny import char_tokenizer
+
+    model, tok = tiny_llama(), char_tokenizer()
+    prompts = ["a short one", "a much longer prompt than that"]
+    batched = task_condition(model, tok, prompts, pooling="last", batch_size=2)  # right padding inside the batch
+    alone = torch.stack([task_condition(model, tok, [p], pooling="last", batch_size=1) for p in prompts]).mean(0)
+    # a causal model's last real token does not see the padding after it: equal up to float32 summation order
+    torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-6)
+    ids = tok(prompts[1], return_tensors="pt")
+    last_layer = model(**ids, output_hidden_states=True).hidden_states[-1][0]
+    torch.testing.assert_close(task_condition(model, tok, prompts[1:], pooling="cls"), last_layer[0])
+    torch.testing.assert_close(task_condition(model, tok, prompts[1:], pooling="mean"), last_layer.mean(0))
+    assert batched.shape == (64,) and not torch.allclose(batched, task_condition(model, tok, prompts, pooling="cls"))
+    with pytest.raises(ValueError, match="pooling must be one of") as exc:
+        task_condition(model, tok, prompts, pooling="max")
+    one_line(exc)
+    with pytest.raises(ValueError, match="layer must be in \\[-3, 2\\]") as exc:
+        task_condition(model, tok, prompts, layer=7)
+    one_line(exc)
+    with pytest.raises(ValueError, match="prompts must be a non-empty list of strings"):
+        task_condition(model, tok, "not a list")
+
+
 # ---------------------------------------------------------------------------------------------------- ICM-Fusion
 
 

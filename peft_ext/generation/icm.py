@@ -476,6 +476,9 @@ def task_condition(
     if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError("task_condition: prompts must be a non-empty list of strings.")
     _positive_int("task_condition", "batch_size", batch_size)
+    _positive_int("task_condition", "max_length", max_length)
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise ValueError(f"task_condition: layer must be an integer index of hidden_states; got {layer!r}.")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -485,6 +488,9 @@ def task_condition(
             batch = tokenizer(list(prompts[start : start + batch_size]), padding=True, truncation=True,
                               max_length=max_length, return_tensors="pt").to(device)
             out = model(**batch, output_hidden_states=True)
+            if not -len(out.hidden_states) <= layer < len(out.hidden_states):
+                raise ValueError(f"task_condition: layer must be in [-{len(out.hidden_states)}, "
+                                 f"{len(out.hidden_states) - 1}] (hidden_states of this model); got {layer}.")
             hidden = out.hidden_states[layer].float()
             mask = batch["attention_mask"].to(hidden.dtype)
             if pooling == "cls":
