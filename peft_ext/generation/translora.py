@@ -1,5 +1,5 @@
 """Trans-LoRA: data-free transfer of a trained adapter to another base model (*Trans-LoRA: towards data-free
-Transferable Parameter Efficient Finetuning*, Wang et al., https://arxiv.org/abs/2405.17258; no public code).
+Transferable Parameter Efficient Finetuning*, Wang et al., 2024; paper link in ``TransLoraConfig``).
 
 The pipeline, one flat function per stage, each usable alone:
 
@@ -61,8 +61,8 @@ REAL, SYNTHETIC = 1, 0  # the discriminator's classes
 
 @dataclass
 class TransLoraConfig:
-    """Settings of a Trans-LoRA transfer (https://arxiv.org/abs/2405.17258). The paper publishes no code; sizes and
-    prompts here are a CPU-sized choice for sentence classification."""
+    """Settings of a Trans-LoRA transfer (https://arxiv.org/abs/2405.17258; no public code). Sizes and prompts here
+    are a CPU-sized choice for sentence classification; the paper's are for LLM generation tasks."""
 
     num_synthetic: int = field(
         default=256,
