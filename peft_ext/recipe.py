@@ -96,22 +96,22 @@ class EvaluationSection:
 TRAINER_NAMES = ("sft", "dpo", "mrdpo", "grpo", "sft_grpo", "mtp", "planner", "lorid")
 
 # Trainers with their own loop (not one TRL trainer): name -> (module under peft_ext.trainers, config class, recipe
-# entry point, allowed data.name values). ``trainer.args`` holds the config class's fields; the module may define
-# ``check_recipe(recipe)`` raising ValueError for what else it needs (a method, a model task).
+# entry point, allowed data.name values, allowed model.task values). ``trainer.args`` holds the config class's fields;
+# the module may define ``check_recipe(recipe)`` raising ValueError for what else it needs (a method, say).
 OWN_LOOP_TRAINERS = {
-    "mtp": ("mtp", "MTPConfig", "train_mtp_recipe", ("gsm",)),
-    "planner": ("planner", "PlannerConfig", "train_planner_recipe", ("bfcl",)),
-    "lorid": ("lorid", "LoRIDConfig", "train_lorid_recipe", ("gsm",)),
+    "mtp": ("mtp", "MTPConfig", "train_mtp_recipe", ("gsm",), ("causal_lm",)),
+    "planner": ("planner", "PlannerConfig", "train_planner_recipe", ("bfcl",), ("causal_lm",)),
+    "lorid": ("lorid", "LoRIDConfig", "train_lorid_recipe", ("gsm",), ("causal_lm",)),
 }
 
 
 def own_loop_trainer(name: str):
-    """``(module, config class, entry point, data names)`` of an own-loop trainer (imports its module)."""
+    """``(module, config class, entry point)`` of an own-loop trainer (imports its module)."""
     import importlib
 
-    module_name, config_name, entry, data_names = OWN_LOOP_TRAINERS[name]
+    module_name, config_name, entry = OWN_LOOP_TRAINERS[name][:3]
     module = importlib.import_module(f"peft_ext.trainers.{module_name}")
-    return module, getattr(module, config_name), getattr(module, entry), data_names
+    return module, getattr(module, config_name), getattr(module, entry)
 
 
 @dataclass
@@ -382,9 +382,9 @@ def _validate_trainer(recipe: Recipe) -> None:
             raise RecipeError(
                 f"trainer.{changed[0]} applies only with trainer.name set (one of {list(TRAINER_NAMES)}).")
         return
-    data_names = OWN_LOOP_TRAINERS[t.name][3] if t.name in OWN_LOOP_TRAINERS else ("gsm",)
-    if recipe.model.task != "causal_lm" or recipe.data.name not in data_names:
-        raise RecipeError(f"trainer {t.name!r} needs model.task 'causal_lm' and data.name "
+    data_names, tasks = OWN_LOOP_TRAINERS[t.name][3:5] if t.name in OWN_LOOP_TRAINERS else (("gsm",), ("causal_lm",))
+    if recipe.model.task not in tasks or recipe.data.name not in data_names:
+        raise RecipeError(f"trainer {t.name!r} needs model.task {' or '.join(repr(k) for k in tasks)} and data.name "
                           f"{' or '.join(repr(d) for d in data_names)}; got {recipe.model.task!r} with "
                           f"{recipe.data.name!r}.")
     if recipe.evaluation.ranks is not None:
@@ -439,7 +439,7 @@ def _validate_own_loop(recipe: Recipe) -> None:
     other trainer keys and ``training.*`` do not apply; the trainer module's ``check_recipe`` adds its own needs."""
     t = recipe.trainer
     try:
-        module, config_cls, _, _ = own_loop_trainer(t.name)
+        module, config_cls, _ = own_loop_trainer(t.name)
     except ImportError as exc:
         raise RecipeError(f"trainer {t.name!r} needs its extras: pip install 'peft-ext[trl,data]' ({exc}).") from exc
     if recipe.training:
