@@ -227,3 +227,16 @@ def test_tiny_recipe_end_to_end_and_resume_equals_uninterrupted(tmp_path):
     assert resumed["table"] == metrics["table"]
     assert resumed["per_problem"] == metrics["per_problem"]
     assert resumed["history"] == metrics["history"]
+
+
+def test_examples_whose_prompt_fills_max_length_are_skipped_loudly():
+    from peft_ext.trainers._tiny import char_tokenizer
+    from peft_ext.trainers.lorid import encode_examples
+
+    tok = char_tokenizer()
+    with pytest.warns(UserWarning, match="1 of 2 examples skipped"):
+        rows = encode_examples([("a" * 10, "b"), ("aaa", "bcdefgh")], tok, max_length=8)
+    assert len(rows) == 1 and len(rows[0]["input_ids"]) == 8  # cut to max_length, the loss on the target only
+    assert rows[0]["labels"][:3] == [-100] * 3 and rows[0]["labels"][3] == tok.convert_tokens_to_ids("b")
+    with pytest.raises(ValueError, match="LoRIDConfig.max_length"):
+        encode_examples([("a" * 10, "b")], tok, max_length=8)

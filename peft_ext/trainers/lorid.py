@@ -281,17 +281,25 @@ def module_examples(rows, module: str, tokenizer) -> list[tuple[str, str]]:
 
 
 def encode_examples(pairs, tokenizer, max_length: int) -> list[dict]:
-    """Token ids with the loss on the target (+ EOS) only, cut to ``max_length``."""
-    out = []
+    """Token ids with the loss on the target (+ EOS) only, cut to ``max_length``; an example whose prompt alone fills
+    ``max_length`` is skipped with a warning (no target token would train), and a ValueError if every one is."""
+    import warnings
+
+    out, skipped = [], 0
     for prompt, target in pairs:
         p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         a = tokenizer(target + (tokenizer.eos_token or ""), add_special_tokens=False)["input_ids"]
+        if len(p) >= max_length:
+            skipped += 1
+            continue
         ids = (p + a)[:max_length]
-        labels = ([-100] * len(p) + a)[:max_length]
-        if all(x == -100 for x in labels):
-            raise ValueError(f"LoRIDConfig.max_length={max_length} leaves no target token of a {len(p)}-token prompt; "
-                             "raise max_length.")
-        out.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+        out.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": ([-100] * len(p) + a)[:max_length]})
+    if not out:
+        raise ValueError(f"LoRIDConfig.max_length={max_length} is filled by every prompt ({skipped} examples); "
+                         "raise max_length.")
+    if skipped:
+        warnings.warn(f"LoRID: {skipped} of {len(pairs)} examples skipped, their prompt fills "
+                      f"LoRIDConfig.max_length={max_length}.", stacklevel=2)
     return out
 
 
