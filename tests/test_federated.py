@@ -376,7 +376,7 @@ def test_flower_simulation_matches_pure_functions(one_thread):
                                 server=FlascServer(task.initial_state, spec.flasc, 2))
     assert_states_equal(strategy.server.state(), server.state())
     assert not all(torch.equal(server.state()[n], task.initial_state[n]) for n in task.initial_state)
-    keys = ("clients", "bytes_up", "bytes_down", "entries_up", "accepted", "rejected")
+    keys = ("clients", "bytes_up", "bytes_down", "entries_up", "entries_down", "accepted", "rejected")
     assert [{k: r[k] for k in keys} for r in strategy.history] == [{k: r[k] for k in keys} for r in history]
 
 

@@ -446,7 +446,8 @@ def run_local(model, num_clients: int, client_batches: Callable[[int, int], Iter
             losses.append(stats["loss"])
         stats = server.step(uploads)
         record = round_record(rnd, server, clients, download.nbytes * len(clients),
-                              sum(p.nbytes for _, p in uploads), sum(p.entries for _, p in uploads), stats, losses)
+                              sum(p.nbytes for _, p in uploads), sum(p.entries for _, p in uploads), stats, losses,
+                              entries_down=download.entries * len(clients))
         if evaluate is not None:
             record.update(evaluate(server.eval_state()))
         history.append(record)
@@ -466,10 +467,11 @@ def client_seed(seed: int, rnd: int, client_id: int) -> int:
 
 
 def round_record(rnd: int, server: FlascServer, clients: list, bytes_down: int, bytes_up: int, entries_up: int,
-                 stats: dict, losses: list) -> dict:
-    """One round's metrics (JSON-ready)."""
+                 stats: dict, losses: list, entries_down: int = 0) -> dict:
+    """One round's metrics (JSON-ready): bytes are index + value arrays; entries are values sent."""
     return {"round": rnd + 1, "dl_density": server.dl_density, "ul_density": server.ul_density,
             "clients": [int(c) for c in clients], "bytes_down": int(bytes_down), "bytes_up": int(bytes_up),
-            "entries_up": int(entries_up), "accepted": stats["accepted"], "rejected": stats["rejected"],
+            "entries_down": int(entries_down), "entries_up": int(entries_up), "accepted": stats["accepted"],
+            "rejected": stats["rejected"],
             "rejections": stats["rejections"], "delta_norm": stats["delta_norm"],
             "train_loss": float(np.mean(losses)) if losses else float("nan")}

@@ -105,6 +105,7 @@ class FlascStrategy(Strategy):
         records = payload_to_records(payload)
         clients = srv.sample()
         self._round = {"rnd": srv.round, "clients": clients, "bytes_down": payload.nbytes * len(clients),
+                       "entries_down": payload.entries * len(clients),
                        "client_of": {self.node_of[c]: c for c in clients}}
         messages = []
         for cid in clients:
@@ -139,7 +140,8 @@ class FlascStrategy(Strategy):
         stats["rejected"] += len(failed)
         stats["rejections"] = failed + stats["rejections"]
         record = round_record(self._round["rnd"], self.server, self._round["clients"], self._round["bytes_down"],
-                              sum(p.nbytes for _, p in uploads), sum(p.entries for _, p in uploads), stats, losses)
+                              sum(p.nbytes for _, p in uploads), sum(p.entries for _, p in uploads), stats, losses,
+                              entries_down=self._round["entries_down"])
         if self.evaluate is not None:
             record.update(self.evaluate(self.server))
         self.history.append(record)

@@ -428,7 +428,11 @@ def run_federated_recipe(path_or_dict, resume: bool = False, quiet: bool = False
               f"engine {recipe.engine.name}, from round {server.round + 1}", flush=True)
     if server.round < recipe.flasc.rounds:
         if recipe.engine.name == "flower":
-            from .flower import simulate
+            try:
+                from .flower import simulate
+            except ImportError as exc:
+                raise ImportError(f"engine.name 'flower' needs Flower with its Ray simulation engine: pip install "
+                                  f"'peft-ext[federated]' (or set engine.name: local); {exc}") from exc
 
             simulate(recipe, server=server, on_round=recorder, evaluate=recorder.evaluate)
         else:
