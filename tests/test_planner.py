@@ -372,3 +372,12 @@ def test_tiny_recipe_end_to_end_and_resume(tmp_path, one_thread, capsys):
     first, second = _planner_weights(full), _planner_weights(resumed)
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_shipped_planner_recipes_validate():
+    from peft_ext.recipe import load_recipe
+
+    for name in ("planner_bfcl.yaml", "tiny_planner.yaml"):
+        recipe = load_recipe(RECIPE.parent / name)
+        assert recipe.trainer.name == "planner"
+        assert pl.planner_config_from_recipe(recipe).merge_rule in pl.MERGE_RULES
