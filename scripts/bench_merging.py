@@ -9,22 +9,23 @@ movies, tweets, products, editorials; ``neutral_margin=0``, split seed ``--seed`
   (mixed), ``--head-epochs`` epochs of AdamW (lr 1e-3). It then belongs to the base model: the domain LoRAs train
   only their A and B, and every merge (LEGO and PEFT's rules alike) is a merge of pure LoRA updates on one base;
   nothing head-specific (``modules_to_save`` averaging) enters the comparison.
-* **One LoRA per domain**: ``LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"])``, ``--train``
-  examples of that domain, ``--epochs`` epochs, batch 32, AdamW lr ``--lr``, sequences cut to 64 tokens.
+* **One LoRA per domain**: ``LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"])``, ``--train`` (320)
+  examples of that domain, ``--epochs`` (2) epochs, batch 32, AdamW lr ``--lr``, sequences cut to 64 tokens (each
+  batch trimmed to its longest row). The shared head uses ``--head-train`` (128) examples per domain, 30 epochs.
 * **Merges** of the four LoRAs (``peft_ext.merging.merge_adapters``, all on (state dict, config) pairs and the
-  in-memory base): LEGO (``lego``; k-means seed ``--seed``) at k = 8 and 16, with and without the dual reweighting;
-  PEFT's ``linear`` (factor-wise, rank 8) and ``svd`` (ΔW sum truncated to rank k), ``ties`` / ``dare_ties``
-  (factor-wise, rank 8, and their SVD forms ``ties_svd`` / ``dare_ties_svd`` at rank k), density 0.5, and ``cat``
-  (rank 32, exact). Weights: 1 each for LEGO, ties and dare_ties (TIES takes a disjoint mean of the agreeing entries,
-  LEGO rescales by its reweighting), 1/4 each for linear, svd and cat (an average of the four updates).
-* **Accuracy** of every merged adapter on each domain's first ``--test`` test examples, next to the untrained base
+  in-memory base), each at rank k = 8 and 16: LEGO (``lego``; k-means seed ``--seed``; also once at k = 8 without
+  the dual reweighting) and PEFT's rules in their rank-k forms, ``linear`` (PEFT ``svd``: the ΔW sum truncated to
+  rank k), ``ties`` and ``dare_ties`` (PEFT ``ties_svd`` / ``dare_ties_svd``, density 0.5), plus ``cat`` (rank 32,
+  exact). Weights: 1 each for LEGO, ties and dare_ties (TIES takes a disjoint mean of the agreeing entries, LEGO
+  rescales by its reweighting), 1/4 each for linear and cat (an average of the four updates).
+* **Accuracy** of every merged adapter on each domain's first ``--test`` (200) test examples, next to the untrained base
   (shared head only) and to each single-domain LoRA on its own domain (the reference). **Merge time**: the wall time
   of the ``merge_adapters`` call (PEFT's rules include loading the four adapters on the base model; LEGO needs no
   model), one run each, on this shared machine: indicative only.
 
 Rerun (from the repository root)::
 
-    .venv/bin/python scripts/bench_merging.py                  # ~10 CPU minutes on one thread
+    .venv/bin/python scripts/bench_merging.py                  # ~8 CPU minutes on one thread
     .venv/bin/python scripts/bench_merging.py --quick          # a smoke test (~1 min)
 
 The markdown table is printed and everything is written to ``--out`` (default ``results/bench_merging.json``) with
@@ -50,15 +51,15 @@ MAX_LEN = 64
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     benchlib.add_common_options(p, "results/bench_merging.json", "tiny sizes: a smoke test")
-    p.add_argument("--train", type=int, help="training examples per domain (default 1024)")
+    p.add_argument("--train", type=int, help="training examples per domain (default 320)")
     p.add_argument("--epochs", type=int, help="LoRA epochs per domain (default 2)")
-    p.add_argument("--head-train", type=int, help="examples per domain for the shared head (default 512)")
-    p.add_argument("--head-epochs", type=int, help="epochs of the shared head (default 20)")
-    p.add_argument("--test", type=int, help="test examples per domain (default 500)")
+    p.add_argument("--head-train", type=int, help="examples per domain for the shared head (default 128)")
+    p.add_argument("--head-epochs", type=int, help="epochs of the shared head (default 30)")
+    p.add_argument("--test", type=int, help="test examples per domain (default 200)")
     p.add_argument("--lr", type=float, default=1e-3, help="LoRA learning rate (default 1e-3)")
     p.add_argument("--ks", default="8,16", help="merged ranks k, comma-separated (default 8,16)")
     args = p.parse_args(argv)
-    benchlib.apply_sizes(args, {"train": 1024, "epochs": 2, "head_train": 512, "head_epochs": 20, "test": 500},
+    benchlib.apply_sizes(args, {"train": 320, "epochs": 2, "head_train": 128, "head_epochs": 30, "test": 200},
                          {"train": 64, "epochs": 1, "head_train": 32, "head_epochs": 2, "test": 32})
     benchlib.set_threads(p, args.threads)
     benchlib.seed_everything(args.seed)
@@ -91,7 +92,7 @@ def main(argv=None) -> int:
         pair, loss = train_lora(base, data[domain]["train"], args)
         singles.append(pair)
         train_info[domain] = {"seconds": round(time.perf_counter() - t0, 1), "final_loss": round(loss, 4)}
-        accuracy[f"single: {domain}"] = evaluate_pair(base, pair, data)
+        accuracy[f"single: {domain}"] = evaluate_pair(base, pair, data, domains=(domain,))
         print(f"{domain}: {train_info[domain]} acc {accuracy[f'single: {domain}']}", flush=True)
 
     rows = merge_plan(ks)
@@ -131,17 +132,11 @@ def main(argv=None) -> int:
 
 def merge_plan(ks):
     """(label, rule, k, weight per adapter, extra kwargs) of every merge in the table."""
-    rows = []
-    for k in ks:
-        rows.append((f"lego k={k}", "lego", k, 1.0, {}))
-    for k in ks:
-        rows.append((f"lego k={k}, no reweighting", "lego", k, 1.0, {"reweight": ()}))
-    rows.append(("linear (factor-wise)", "linear", None, 0.25, {}))
-    rows += [(f"svd k={k} (linear on ΔW)", "svd", k, 0.25, {}) for k in ks]
-    rows.append(("ties (factor-wise)", "ties", None, 1.0, {"density": 0.5}))
-    rows += [(f"ties_svd k={k}", "ties", k, 1.0, {"density": 0.5}) for k in ks]
-    rows.append(("dare_ties (factor-wise)", "dare_ties", None, 1.0, {"density": 0.5}))
-    rows += [(f"dare_ties_svd k={k}", "dare_ties", k, 1.0, {"density": 0.5}) for k in ks]
+    rows = [(f"lego k={k}", "lego", k, 1.0, {}) for k in ks]
+    rows.append((f"lego k={ks[0]}, no reweighting", "lego", ks[0], 1.0, {"reweight": ()}))
+    rows += [(f"linear k={k} (PEFT svd)", "linear", k, 0.25, {}) for k in ks]
+    rows += [(f"ties k={k} (PEFT ties_svd)", "ties", k, 1.0, {"density": 0.5}) for k in ks]
+    rows += [(f"dare_ties k={k} (PEFT dare_ties_svd)", "dare_ties", k, 1.0, {"density": 0.5}) for k in ks]
     rows.append(("cat (exact average)", "cat", None, 0.25, {}))
     return rows
 
@@ -152,9 +147,12 @@ def fmt_acc(acc: dict) -> list:
 
 
 def encode(tokenizer, ds) -> dict:
+    """Token ids padded to 64, rows sorted by length (batches are trimmed to their longest row, so evaluation in
+    this order pads little; training draws shuffled batches)."""
     enc = tokenizer(list(ds["text"]), truncation=True, max_length=MAX_LEN, padding="max_length", return_tensors="pt")
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-            "labels": torch.tensor(ds["label"], dtype=torch.long)}
+    order = enc["attention_mask"].sum(1).argsort(stable=True)
+    return {"input_ids": enc["input_ids"][order], "attention_mask": enc["attention_mask"][order],
+            "labels": torch.tensor(ds["label"], dtype=torch.long)[order]}
 
 
 def batches(split: dict, size: int, shuffle: bool = False, gen=None):
@@ -162,7 +160,8 @@ def batches(split: dict, size: int, shuffle: bool = False, gen=None):
     order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
     for i in range(0, n, size):
         idx = order[i:i + size]
-        yield {k: v[idx] for k, v in split.items()}
+        width = int(split["attention_mask"][idx].sum(1).max())  # trim the padding columns this batch does not use
+        yield {k: v[idx] if k == "labels" else v[idx, :width] for k, v in split.items()}
 
 
 @torch.no_grad()
@@ -175,11 +174,11 @@ def accuracy_of(model, split: dict) -> float:
     return round(correct / split["labels"].shape[0], 4)
 
 
-def evaluate(model, data) -> dict:
-    return {d: accuracy_of(model, data[d]["test"]) for d in DOMAINS}
+def evaluate(model, data, domains=DOMAINS) -> dict:
+    return {d: accuracy_of(model, data[d]["test"]) for d in domains}
 
 
-def evaluate_pair(base, pair, data) -> dict:
+def evaluate_pair(base, pair, data, domains=DOMAINS) -> dict:
     """Accuracy per domain of the LoRA (state dict, config) on ``base``; the base is left as it was."""
     from peft import get_peft_model, set_peft_model_state_dict
 
@@ -187,7 +186,7 @@ def evaluate_pair(base, pair, data) -> dict:
     model = get_peft_model(base, copy.deepcopy(config))
     set_peft_model_state_dict(model, state_dict)
     try:
-        return evaluate(model, data)
+        return evaluate(model, data, domains)
     finally:
         model.unload()
 
