@@ -36,7 +36,7 @@ original (does the condition pick the right domain?); the CVAE's loss curve; tim
 
 Rerun (from the repository root)::
 
-    .venv/bin/python scripts/repro_icm.py              # ~12-15 CPU minutes, one thread
+    .venv/bin/python scripts/repro_icm.py              # ~10 CPU minutes, one thread (53 min wall at load 10-15)
     .venv/bin/python scripts/repro_icm.py --quick      # small sizes, ~2 minutes (smoke test)
 
 Writes ``--out`` (default ``results/repro_icm.json``) atomically. ``HF_HUB_OFFLINE=1``; nothing is downloaded (the
