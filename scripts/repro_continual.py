@@ -37,7 +37,7 @@ WIRING = ("continual", "ContinualConfig", "train_continual_recipe", ("movie_revi
 def markdown(metrics: dict) -> str:
     tasks = metrics["tasks"]
     lines = []
-    for method, r in metrics["results"].items():
+    for method, r in metrics["methods"].items():
         lines.append(f"**{method}** — average accuracy {r['average_accuracy']:.3f}, forgetting {r['forgetting']:.3f}, "
                      f"backward transfer {r['backward_transfer']:.3f}")
         lines.append("")
@@ -85,7 +85,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "tasks": metrics["tasks"],
         "task_sizes": metrics["task_sizes"],
         "initial_accuracy": metrics["initial_accuracy"],
-        "results": metrics["results"],
+        "results": metrics["methods"],
         "continual": metrics["continual"],
         "method": metrics["recipe"]["method"],
         "budget": {**metrics["budget"], "wall_time_s": wall, "threads": args.threads,

@@ -112,7 +112,7 @@ def test_tiny_recipe_end_to_end(uninterrupted):
     saved = json.loads((out / "metrics.json").read_text())
     assert (out / "results.png").stat().st_size > 0
     for method in ("codyra", "lora"):
-        r = saved["results"][method]
+        r = saved["methods"][method]
         assert np.asarray(r["accuracy_matrix"]).shape == (3, 3)
         for key, value in C.continual_metrics(r["accuracy_matrix"]).items():
             assert r[key] == pytest.approx(value, abs=1e-12)
@@ -144,7 +144,7 @@ def test_resume_equals_uninterrupted(uninterrupted, monkeypatch, tmp_path):
     monkeypatch.setattr(C, "train_classifier", real)
     resumed = C.train_continual_recipe(recipe, resume=True, quiet=True)
     for method in ("codyra", "lora"):
-        a, b = resumed["results"][method], full["results"][method]
+        a, b = resumed["methods"][method], full["methods"][method]
         assert a["accuracy_matrix"] == b["accuracy_matrix"]
         got = load_file(tmp_path / method / "task_3" / "adapter_model.safetensors")
         want = load_file(out_full / method / "task_3" / "adapter_model.safetensors")

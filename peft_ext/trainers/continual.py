@@ -442,7 +442,7 @@ def train_continual_recipe(recipe, resume: bool = False, quiet: bool = False) ->
         "tasks": config.tasks,
         "task_sizes": {t: {"train": len(data[t]["train"]), "test": len(data[t]["test"])} for t in config.tasks},
         "initial_accuracy": initial,
-        "results": results,
+        "methods": results,  # not "results": comparison_record reads that key as a list of evaluations
         "budget": {"wall_time_s": time.time() - began, "epochs_per_task": config.epochs,
                    "batch_size": config.batch_size},
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU",
