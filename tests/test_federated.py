@@ -363,6 +363,7 @@ TINY = {
 }
 
 
+@pytest.mark.slow  # Ray start-up dominates: ~70 s wall at load 11 on the shared 2-core machine (~11 min at load 14+)
 def test_flower_simulation_matches_pure_functions(one_thread):
     """Two supernodes on Flower's Ray simulation engine give the same global adapter, bit for bit, as the in-process
     pure functions under the same seeds (each side runs the same ops on one thread), and the same bytes."""
