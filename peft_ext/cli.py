@@ -1,4 +1,4 @@
-"""The ``peft-ext`` command: train, eval, compare, export, push and list methods.
+"""The ``peft-ext`` command: train, eval, compare, export, push, merge, federate and list methods.
 
     peft-ext train recipes/quickstart.yaml [--set training.learning_rate=1e-3 ...] [--resume]
     peft-ext eval recipes/quickstart.yaml --adapter out/quickstart/adapter
@@ -6,6 +6,7 @@
     peft-ext export out/quickstart/adapter --to lora --out out/quickstart/lora [--rank 8]
     peft-ext push out/quickstart/adapter user/my-adapter [--private] [--base-model ID] [--dry-run [--out FOLDER]]
     peft-ext merge A B C --rule lego|linear|ties|dare_ties|cat|svd [-k 8] [--weights 1 1 1] [--density 0.5] --out DIR
+    peft-ext federate recipes/flasc_sentiment.yaml [--resume] [--quiet]
     peft-ext methods
 
 Recipes are YAML files (``peft_ext/recipe.py`` documents every key). Every method comes from the registry; the
@@ -79,6 +80,11 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="k-means seed of the lego rule")
     g.add_argument("--out", required=True, help="folder for the merged LoRA adapter")
 
+    f = sub.add_parser("federate", help="federated sparse LoRA (FLASC) over simulated or real clients (Flower)")
+    f.add_argument("recipe", help="YAML federated recipe (peft_ext/federated/recipe.py documents every key)")
+    f.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint.pt")
+    f.add_argument("--quiet", action="store_true", help="no progress output")
+
     sub.add_parser("methods", help="list the registered methods and their papers")
     return p
 
@@ -90,7 +96,8 @@ def main(argv=None) -> int:
 
     try:
         status = {"train": cmd_train, "eval": cmd_eval, "compare": cmd_compare, "export": cmd_export,
-                  "push": cmd_push, "merge": cmd_merge, "methods": cmd_methods}[args.command](args)
+                  "push": cmd_push, "merge": cmd_merge, "federate": cmd_federate,
+                  "methods": cmd_methods}[args.command](args)
     except (RecipeError, UsageError, FileNotFoundError, NotADirectoryError, FileExistsError) as exc:
         _close_process_group(wait=False)
         if args.debug:
@@ -347,6 +354,20 @@ def cmd_merge(args) -> int:
     except MergeInputError as exc:
         raise UsageError(str(exc)) from exc
     print(f"merged {len(args.adapters)} adapters by {args.rule} into a rank-{config.r} LoRA: {args.out}")
+    return 0
+
+
+def cmd_federate(args) -> int:
+    """``peft-ext federate``: ``peft_ext.federated.run_federated_recipe`` (FLASC rounds, metrics.json, plot)."""
+    from .federated import run_federated_recipe
+
+    try:
+        metrics = run_federated_recipe(args.recipe, resume=args.resume, quiet=args.quiet)
+    except ImportError as exc:  # flwr missing for engine.name: flower; the message carries the install hint
+        raise UsageError(str(exc)) from exc
+    acc = metrics.get("final_accuracy")
+    print(f"final accuracy {acc:.4f}" if acc is not None else "final accuracy: not evaluated",
+          f"| bytes up {metrics['total_bytes_up']:,} | bytes down {metrics['total_bytes_down']:,}")
     return 0
 
 
