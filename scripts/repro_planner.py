@@ -135,7 +135,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    from peft_ext._io import atomic_write_json
+    from peft_ext._io import adapter_folder_is_whole, atomic_write_json
     from peft_ext.trainers import planner as pl
 
     began = time.time()
@@ -144,12 +144,14 @@ def main(argv=None) -> int:
 
     train_jobs = [(f"single/{d}", [d], args.steps, args.seed + i) for i, d in enumerate(domains)]
     train_jobs += [(f"joint/{m}", domains[:m], args.steps * m, args.seed + 100 + m) for m in range(2, len(domains) + 1)]
+    train_jobs = [job for job in train_jobs if not adapter_folder_is_whole(args.out / job[0])]  # a rerun reuses them
     train_jobs.sort(key=lambda job: -job[2])  # longest first, so the workers finish together
-    with _pool(args.jobs) as pool:
-        timings = {}
-        for info in pool.map(_train_job, [args] * len(train_jobs), *zip(*train_jobs)):
-            timings[info["name"]] = info
-            print(f"trained {info}", flush=True)
+    timings = {}
+    if train_jobs:
+        with _pool(min(args.jobs, len(train_jobs))) as pool:
+            for info in pool.map(_train_job, [args] * len(train_jobs), *zip(*train_jobs)):
+                timings[info["name"]] = info
+                print(f"trained {info}", flush=True)
     folders = {f"single-{d}": args.out / "single" / d for d in domains}
     folders.update({f"joint-{m}": args.out / "joint" / str(m) for m in range(2, len(domains) + 1)})
     eval_jobs = [("adapter", name) for name in folders]
