@@ -284,7 +284,7 @@ def test_gsm_builder_rows():
     assert len(rows) == 2
     assert sum(builder.last_stats[f"pairs_{s}"] for s in ("policy", "gold", "perturbed")) == 2
     assert [r["ground_truth"] for r in rows] == ["1+1=2\n#### 2", "2+3=5\n#### 5"]
-    assert [r["prompt"] for r in rows] == ["Question: 1+1?\nAnswer: ", "Question: 2+3?\nAnswer: "]
+    assert [r["prompt"] for r in rows] == ["Question: 1+1?\nAnswer:\n", "Question: 2+3?\nAnswer:\n"]
     for r in rows:
         assert r["chosen"] != r["rejected"]
         if r["source"] == "gold":

@@ -23,8 +23,11 @@ _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
 def gsm_prompt(question: str) -> str:
-    """The prompt of a GSM question, as ``peft-ext train`` formats it (``runner.causal_lm_pairs``)."""
-    return f"Question: {question}\nAnswer: "
+    """The prompt of a GSM question for the trainer recipes. It ends in a newline, not a space: TRL tokenizes prompt +
+    completion as one text, and with a trailing space BPE tokenizers merge it into the completion's first token
+    (``"Answer: <think>"`` -> ``':', 'Ġ<'``) while the prompt alone ends in a lone ``'Ġ'``, so generation would start
+    from a token sequence training never showed (SmolLM2 then never wrote the tags after SFT)."""
+    return f"Question: {question}\nAnswer:\n"
 
 
 def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 128, num_samples: int = 1,
