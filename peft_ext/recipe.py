@@ -14,9 +14,10 @@ Example (``recipes/quickstart.yaml``)::
     training: {num_train_epochs: 2, learning_rate: 0.002, per_device_train_batch_size: 16}
     evaluation: {ranks: all, baseline: true, plot: true}
 
-A ``trainer:`` section (``trainer: {name: mrdpo, rounds: 3, ...}`` or just ``trainer: mrdpo``) runs a TRL training
-recipe from ``peft_ext.trainers`` instead of the plain Trainer: sft, dpo, mrdpo, grpo or sft_grpo (causal LMs on gsm;
-``recipes/mrdpo_gsm.yaml``, ``recipes/gazal_gsm.yaml``).
+A ``trainer:`` section (``trainer: {name: mrdpo, rounds: 3, ...}`` or just ``trainer: mrdpo``) runs a training recipe
+from ``peft_ext.trainers`` instead of the plain Trainer: the TRL ones sft, dpo, mrdpo, grpo, sft_grpo (causal LMs on
+gsm; ``recipes/mrdpo_gsm.yaml``, ``recipes/gazal_gsm.yaml``) and the own-loop ones in ``OWN_LOOP_TRAINERS`` (mtp,
+planner, lorid, unlearning, continual), whose settings are ``trainer.args``.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ class EvaluationSection:
     max_new_tokens: int = field(default=128, metadata={"help": "Token budget of each generated answer."})
 
 
-TRAINER_NAMES = ("sft", "dpo", "mrdpo", "grpo", "sft_grpo", "mtp", "planner", "lorid")
+TRAINER_NAMES = ("sft", "dpo", "mrdpo", "grpo", "sft_grpo", "mtp", "planner", "lorid", "unlearning", "continual")
 
 # Trainers with their own loop (not one TRL trainer): name -> (module under peft_ext.trainers, config class, recipe
 # entry point, allowed data.name values, allowed model.task values). ``trainer.args`` holds the config class's fields;
@@ -102,6 +103,11 @@ OWN_LOOP_TRAINERS = {
     "mtp": ("mtp", "MTPConfig", "train_mtp_recipe", ("gsm",), ("causal_lm",)),
     "planner": ("planner", "PlannerConfig", "train_planner_recipe", ("bfcl",), ("causal_lm",)),
     "lorid": ("lorid", "LoRIDConfig", "train_lorid_recipe", ("gsm",), ("causal_lm",)),
+    # data.name movie_reviews: these two read all four VADER domains (peft_ext.data.load_vader_domain)
+    "unlearning": ("unlearning", "UnlearningConfig", "train_unlearning_recipe", ("movie_reviews", "toy_sentiment"),
+                   ("seq_cls",)),
+    "continual": ("continual", "ContinualConfig", "train_continual_recipe", ("movie_reviews", "toy_sentiment"),
+                  ("seq_cls",)),
 }
 
 
@@ -118,17 +124,21 @@ def own_loop_trainer(name: str):
 class TrainerSection:
     """Which TRL training recipe to run (``peft_ext/trainers``); ``name: null`` keeps the plain transformers Trainer.
 
-    ``trainer: mrdpo`` is short for ``trainer: {name: mrdpo}``. These recipes train causal LMs on ``data.name: gsm``.
+    ``trainer: mrdpo`` is short for ``trainer: {name: mrdpo}``. Which model task and data each accepts:
+    ``OWN_LOOP_TRAINERS`` for the own-loop trainers, causal LMs on ``data.name: gsm`` for the TRL ones.
     """
 
-    name: Optional[Literal["sft", "dpo", "mrdpo", "grpo", "sft_grpo", "mtp", "planner", "lorid"]] = field(
+    name: Optional[Literal["sft", "dpo", "mrdpo", "grpo", "sft_grpo", "mtp", "planner", "lorid", "unlearning",
+                           "continual"]] = field(
         default=None,
         metadata={"help": "sft: TRL SFT; dpo: one round of DPO on pairs from the model; mrdpo: multi-round DPO with "
                   "merge-and-reinit (video-SALMONN 2); grpo: GRPO; sft_grpo: SFT then GRPO on the same adapter "
                   "(Gazal-R1); mtp: multi-token prediction with gated LoRA (trainer.args = MTPConfig fields); "
                   "planner: Octo-planner, one adapter per function domain merged into a planner plus an action "
                   "adapter (trainer.args = PlannerConfig fields); lorid: LoRID's three interacting adapters with the "
-                  "consistency loop (trainer.args = LoRIDConfig fields); null: the plain Trainer."},
+                  "consistency loop (trainer.args = LoRIDConfig fields); unlearning: O3 sequential unlearning "
+                  "requests with the OOD gate (UnlearningConfig); continual: CoDyRA over a sequence of tasks against "
+                  "sequential LoRA (ContinualConfig); null: the plain Trainer."},
     )
     sft_steps: int = field(
         default=0,
@@ -169,7 +179,8 @@ class TrainerSection:
     args: dict = field(
         default_factory=dict,
         metadata={"help": "Extra keywords of the TRL config (MrDPOConfig, GazalSFTConfig, GazalGRPOConfig), or the "
-                  "settings of an own-loop trainer (MTPConfig, PlannerConfig, LoRIDConfig)."},
+                  "settings of an own-loop trainer (MTPConfig, PlannerConfig, LoRIDConfig, UnlearningConfig, "
+                  "ContinualConfig)."},
     )
 
 

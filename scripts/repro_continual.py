@@ -26,12 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib  # noqa: E402
 import torch  # noqa: E402
-from repro_unlearning import ensure_wired  # noqa: E402
 
 from peft_ext._io import atomic_write_json  # noqa: E402
 
 QUICK = ["trainer.args.max_examples=40", "trainer.args.epochs=1"]
-WIRING = ("continual", "ContinualConfig", "train_continual_recipe", ("movie_reviews", "toy_sentiment"), ("seq_cls",))
 
 
 def markdown(metrics: dict) -> str:
@@ -64,7 +62,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override (repeatable)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    ensure_wired(WIRING)
     overrides = (QUICK if args.quick else []) + list(args.set)
     if args.output_dir:
         overrides.append(f"output_dir={args.output_dir}")

@@ -32,16 +32,6 @@ import torch  # noqa: E402
 from peft_ext._io import atomic_write_json  # noqa: E402
 
 QUICK = ["trainer.args.max_examples=40", "trainer.args.base_epochs=1", "trainer.args.epochs=1"]
-WIRING = ("unlearning", "UnlearningConfig", "train_unlearning_recipe", ("movie_reviews", "toy_sentiment"), ("seq_cls",))
-
-
-def ensure_wired(wiring) -> None:
-    """Register the own-loop trainer with the recipe loader if peft_ext/recipe.py does not list it yet."""
-    import peft_ext.recipe as recipe_module
-
-    if wiring[0] not in recipe_module.OWN_LOOP_TRAINERS:
-        recipe_module.OWN_LOOP_TRAINERS[wiring[0]] = wiring
-        recipe_module.TrainerSection.__annotations__["name"] = "Optional[str]"
 
 
 def markdown(metrics: dict) -> str:
@@ -75,7 +65,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override (repeatable)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    ensure_wired(WIRING)
     overrides = (QUICK if args.quick else []) + list(args.set)
     if args.output_dir:
         overrides.append(f"output_dir={args.output_dir}")

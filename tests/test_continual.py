@@ -16,14 +16,10 @@ import peft_ext.recipe as recipe_module
 from peft_ext.trainers import continual as C
 
 ROOT = Path(__file__).resolve().parents[1]
-WIRING = ("continual", "ContinualConfig", "train_continual_recipe", ("movie_reviews", "toy_sentiment"), ("seq_cls",))
 
 
 def load_tiny(monkeypatch, out, overrides=()):
-    """The tiny recipe through the full recipe validation; registers the trainer when the lead has not yet wired it."""
-    if "continual" not in recipe_module.OWN_LOOP_TRAINERS:
-        monkeypatch.setitem(recipe_module.OWN_LOOP_TRAINERS, "continual", WIRING)
-        monkeypatch.setitem(recipe_module.TrainerSection.__annotations__, "name", "Optional[str]")
+    """The tiny recipe through the full recipe validation."""
     return recipe_module.load_recipe(ROOT / "recipes" / "tiny_codyra_continual.yaml", [f"output_dir={out}", *overrides])
 
 

@@ -18,14 +18,10 @@ from peft_ext.trainers import unlearning as U
 from peft_ext.trainers.continual import toy_domain
 
 ROOT = Path(__file__).resolve().parents[1]
-WIRING = ("unlearning", "UnlearningConfig", "train_unlearning_recipe", ("movie_reviews", "toy_sentiment"), ("seq_cls",))
 
 
 def load_tiny(monkeypatch, out, name="tiny_o3_unlearning.yaml", overrides=()):
-    """The tiny recipe through the full recipe validation; registers the trainer when the lead has not yet wired it."""
-    if "unlearning" not in recipe_module.OWN_LOOP_TRAINERS:
-        monkeypatch.setitem(recipe_module.OWN_LOOP_TRAINERS, "unlearning", WIRING)
-        monkeypatch.setitem(recipe_module.TrainerSection.__annotations__, "name", "Optional[str]")
+    """The tiny recipe through the full recipe validation."""
     return recipe_module.load_recipe(ROOT / "recipes" / name, [f"output_dir={out}", *overrides])
 
 
