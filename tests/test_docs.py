@@ -112,7 +112,9 @@ def test_local_links_resolve(path):
 
 
 def test_readme_is_a_front_page():
-    assert len((ROOT / "README.md").read_text(encoding="utf-8").splitlines()) <= 150
+    """A front page like PEFT's (~190 lines) and TRL's (~230): each recipe's measured summary is on it, the full tables
+    and everything else live in docs/."""
+    assert len((ROOT / "README.md").read_text(encoding="utf-8").splitlines()) <= 200
 
 
 def test_python_snippets_in_docs_parse():
