@@ -111,6 +111,17 @@ OWN_LOOP_TRAINERS = {
 }
 
 
+def trainer_args_config(recipe, config_cls):
+    """``config_cls(**recipe.trainer.args)`` for an own-loop trainer; unknown keys: a ValueError naming them and the
+    allowed ones (``peft-ext train`` validates the same before anything loads)."""
+    args = dict(getattr(recipe.trainer, "args", {}) or {})
+    allowed = {f.name for f in dataclasses.fields(config_cls) if f.init}
+    unknown = sorted(set(args) - allowed)
+    if unknown:
+        raise ValueError(f"trainer.args: unknown {config_cls.__name__} key(s) {unknown}; allowed: {sorted(allowed)}.")
+    return config_cls(**args)
+
+
 def own_loop_trainer(name: str):
     """``(module, config class, entry point)`` of an own-loop trainer (imports its module)."""
     import importlib

@@ -22,7 +22,7 @@ import copy
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -272,12 +272,9 @@ class ContinualConfig:
 
 def continual_config_from_recipe(recipe) -> ContinualConfig:
     """``ContinualConfig`` from ``trainer.args`` (unknown keys: a ValueError naming them and the allowed ones)."""
-    args = dict(getattr(recipe.trainer, "args", {}) or {})
-    allowed = {f.name for f in fields(ContinualConfig)}
-    unknown = sorted(set(args) - allowed)
-    if unknown:
-        raise ValueError(f"trainer.args: unknown continual key(s) {unknown}; allowed: {sorted(allowed)}.")
-    return ContinualConfig(**args)
+    from ..recipe import trainer_args_config
+
+    return trainer_args_config(recipe, ContinualConfig)
 
 
 def check_recipe(recipe) -> None:

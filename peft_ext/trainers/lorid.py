@@ -29,7 +29,7 @@ import json
 import math
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Optional, Sequence
@@ -476,12 +476,9 @@ def evaluate_lorid(model, tokenizer, rows, config: LoRIDConfig, seed: int = 0, q
 # ---------------------------------------------------------------------------------------------------- recipe
 def lorid_config_from_recipe(recipe) -> LoRIDConfig:
     """``LoRIDConfig`` from the recipe's ``trainer.args`` (unknown keys: a ValueError naming them and the allowed)."""
-    args = dict(getattr(recipe.trainer, "args", {}) or {})
-    allowed = {f.name for f in fields(LoRIDConfig)}
-    unknown = sorted(set(args) - allowed)
-    if unknown:
-        raise ValueError(f"trainer.args: unknown LoRID key(s) {unknown}; allowed: {sorted(allowed)}.")
-    return LoRIDConfig(**args)
+    from ..recipe import trainer_args_config
+
+    return trainer_args_config(recipe, LoRIDConfig)
 
 
 def check_recipe(recipe) -> None:

@@ -44,7 +44,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -721,12 +721,9 @@ def measure_decoding(
 def mtp_config_from_recipe(recipe) -> MTPConfig:
     """``MTPConfig`` (https://arxiv.org/abs/2507.11851) from the recipe's ``trainer.args`` (unknown keys: a ValueError
     naming them and the allowed)."""
-    args = dict(getattr(recipe.trainer, "args", {}) or {})
-    allowed = {f.name for f in fields(MTPConfig)}
-    unknown = sorted(set(args) - allowed)
-    if unknown:
-        raise ValueError(f"trainer.args: unknown MTP key(s) {unknown}; allowed: {sorted(allowed)}.")
-    return MTPConfig(**args)
+    from ..recipe import trainer_args_config
+
+    return trainer_args_config(recipe, MTPConfig)
 
 
 def _plot(history: list[dict], path: Path) -> Optional[Path]:

@@ -30,7 +30,7 @@ import math
 import re
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -683,12 +683,9 @@ def _plot(metrics: dict, path: Path) -> Optional[Path]:
 
 def planner_config_from_recipe(recipe) -> PlannerConfig:
     """``PlannerConfig`` from the recipe's ``trainer.args`` (unknown keys: a ValueError naming them and the allowed)."""
-    args = dict(getattr(recipe.trainer, "args", {}) or {})
-    allowed = {f.name for f in fields(PlannerConfig)}
-    unknown = sorted(set(args) - allowed)
-    if unknown:
-        raise ValueError(f"trainer.args: unknown planner key(s) {unknown}; allowed: {sorted(allowed)}.")
-    return PlannerConfig(**args)
+    from ..recipe import trainer_args_config
+
+    return trainer_args_config(recipe, PlannerConfig)
 
 
 def check_recipe(recipe) -> None:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -341,12 +341,9 @@ class UnlearningConfig:
 
 def unlearning_config_from_recipe(recipe) -> UnlearningConfig:
     """``UnlearningConfig`` from ``trainer.args`` (unknown keys: a ValueError naming them and the allowed ones)."""
-    args = dict(getattr(recipe.trainer, "args", {}) or {})
-    allowed = {f.name for f in fields(UnlearningConfig)}
-    unknown = sorted(set(args) - allowed)
-    if unknown:
-        raise ValueError(f"trainer.args: unknown unlearning key(s) {unknown}; allowed: {sorted(allowed)}.")
-    return UnlearningConfig(**args)
+    from ..recipe import trainer_args_config
+
+    return trainer_args_config(recipe, UnlearningConfig)
 
 
 def check_recipe(recipe) -> None:
