@@ -86,6 +86,10 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--quiet", action="store_true", help="no progress output")
 
     sub.add_parser("methods", help="list the registered methods and their papers")
+
+    r = sub.add_parser("recipes", help="list the recipes of a folder with the paper each reproduces")
+    r.add_argument("--dir", default="recipes", help="folder of YAML recipes (default: ./recipes)")
+    r.add_argument("--paper", metavar="TEXT", help="only recipes whose paper, name or file contains TEXT")
     return p
 
 
@@ -97,7 +101,7 @@ def main(argv=None) -> int:
     try:
         status = {"train": cmd_train, "eval": cmd_eval, "compare": cmd_compare, "export": cmd_export,
                   "push": cmd_push, "merge": cmd_merge, "federate": cmd_federate,
-                  "methods": cmd_methods}[args.command](args)
+                  "methods": cmd_methods, "recipes": cmd_recipes}[args.command](args)
     except (RecipeError, UsageError, FileNotFoundError, NotADirectoryError, FileExistsError) as exc:
         _close_process_group(wait=False)
         if args.debug:
@@ -381,6 +385,51 @@ def cmd_methods(args) -> int:
     for spec in list_methods():
         print(f"| {spec.name} | {spec.config_cls.__name__} | {'yes' if spec.mergeable else 'no'} | "
               f"{'yes' if spec.quantizable else 'no'} | {spec.paper_url} |")
+    return 0
+
+
+def recipe_index(folder) -> list[dict]:
+    """One row per YAML recipe of ``folder``: file, name, paper, command (train / federate), trainer, tiny variant.
+
+    Rows are read from the YAML without building models; a file that is not a mapping is reported as unreadable."""
+    import yaml
+
+    rows = []
+    for path in sorted(Path(folder).glob("*.yaml")):
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError:
+            data = None
+        if not isinstance(data, dict):
+            rows.append({"file": path.name, "name": "", "paper": "(not a recipe mapping)", "command": "",
+                         "trainer": "", "tiny": ""})
+            continue
+        trainer = data.get("trainer")
+        trainer = trainer.get("name") if isinstance(trainer, dict) else trainer
+        command = "federate" if "flasc" in data else "train"
+        method = (data.get("method") or {}).get("name", "lora") if isinstance(data.get("method"), dict) else "lora"
+        rows.append({"file": path.name, "name": str(data.get("name", "")), "paper": str(data.get("paper", "")),
+                     "command": command, "trainer": str(trainer or ("flasc" if command == "federate" else method)),
+                     "tiny": str(data.get("tiny") or "")})
+    return rows
+
+
+def cmd_recipes(args) -> int:
+    """``peft-ext recipes``: which recipe reproduces which paper, and how to run it."""
+    folder = Path(args.dir)
+    if not folder.is_dir():
+        raise UsageError(f"--dir {str(folder)!r} is not a folder of recipes (run from the repository root, or pass "
+                         "--dir path/to/recipes).")
+    rows = recipe_index(folder)
+    if args.paper:
+        needle = args.paper.lower()
+        rows = [r for r in rows if needle in (r["paper"] + r["name"] + r["file"]).lower()]
+        if not rows:
+            raise UsageError(f"no recipe in {str(folder)!r} matches --paper {args.paper!r}.")
+    for r in rows:
+        tiny = f"  (tiny: {r['tiny']})" if r["tiny"] else ""
+        print(f"{r['file']}  [{r['trainer']}]{tiny}\n    {r['paper'] or '(no paper named)'}\n"
+              f"    peft-ext {r['command']} {folder / r['file']}")
     return 0
 
 

@@ -17,7 +17,10 @@ Example (``recipes/quickstart.yaml``)::
 A ``trainer:`` section (``trainer: {name: mrdpo, rounds: 3, ...}`` or just ``trainer: mrdpo``) runs a training recipe
 from ``peft_ext.trainers`` instead of the plain Trainer: the TRL ones sft, dpo, mrdpo, grpo, sft_grpo (causal LMs on
 gsm; ``recipes/mrdpo_gsm.yaml``, ``recipes/gazal_gsm.yaml``) and the own-loop ones in ``OWN_LOOP_TRAINERS`` (mtp,
-planner, lorid, unlearning, continual), whose settings are ``trainer.args``.
+planner, lorid, unlearning, continual), whose settings are ``trainer.args``. The application recipes (issue
+"application papers": LoRAT, MoRE, ...) are own-loop trainers too, one module per paper in ``peft_ext/apps``: the
+trainer name is the module name, and the module's ``RECIPE`` dict names its config class, entry point and the
+``data.name`` / ``model.task`` / extra ``model.name`` values it accepts (``app_trainer_names``).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import pkgutil
 import types
 import typing
 from dataclasses import dataclass, field
@@ -34,6 +38,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 MODEL_NAMES = ("minilm", "smollm2", "tiny-llama", "tiny-bert")
+TASKS = ("seq_cls", "causal_lm")
 DATA_NAMES = ("movie_reviews", "gsm", "bfcl", "toy_sentiment")
 
 
@@ -49,8 +54,10 @@ class ModelSection:
         default="minilm",
         metadata={"help": f"One of {MODEL_NAMES} (offline models and tiny random test models) or a local folder."},
     )
-    task: Literal["seq_cls", "causal_lm"] = field(
-        default="seq_cls", metadata={"help": "seq_cls: sequence classification; causal_lm: next-token prediction."}
+    task: str = field(
+        default="seq_cls",
+        metadata={"help": "seq_cls: sequence classification; causal_lm: next-token prediction; an application "
+                  "recipe (peft_ext/apps) may name its own (vision, retrieval, multimodal)."},
     )
     num_labels: int = field(default=2, metadata={"help": "Number of classes for seq_cls."})
     quantization: Optional[Literal["4bit", "8bit"]] = field(
@@ -122,13 +129,46 @@ def trainer_args_config(recipe, config_cls):
     return config_cls(**args)
 
 
+def app_trainer_names() -> list[str]:
+    """The application recipes' trainer names: the modules of ``peft_ext/apps`` (not those starting with ``_``)."""
+    folder = Path(__file__).resolve().parent / "apps"
+    return sorted(m.name for m in pkgutil.iter_modules([str(folder)]) if not m.name.startswith("_"))
+
+
+def trainer_names() -> list[str]:
+    """Every ``trainer.name`` a recipe may use."""
+    return list(TRAINER_NAMES) + app_trainer_names()
+
+
+def _app_module(name: str):
+    import importlib
+
+    module = importlib.import_module(f"peft_ext.apps.{name}")
+    spec = getattr(module, "RECIPE", None)
+    if not isinstance(spec, dict) or not {"config", "entry", "data", "tasks"} <= set(spec):
+        raise TypeError(f"peft_ext.apps.{name} must define RECIPE = dict(config=..., entry=..., data=(...), "
+                        "tasks=(...), models=(...)).")
+    return module, spec
+
+
 def own_loop_trainer(name: str):
     """``(module, config class, entry point)`` of an own-loop trainer (imports its module)."""
     import importlib
 
-    module_name, config_name, entry = OWN_LOOP_TRAINERS[name][:3]
-    module = importlib.import_module(f"peft_ext.trainers.{module_name}")
-    return module, getattr(module, config_name), getattr(module, entry)
+    if name in OWN_LOOP_TRAINERS:
+        module_name, config_name, entry = OWN_LOOP_TRAINERS[name][:3]
+        module = importlib.import_module(f"peft_ext.trainers.{module_name}")
+        return module, getattr(module, config_name), getattr(module, entry)
+    module, spec = _app_module(name)
+    return module, spec["config"], spec["entry"]
+
+
+def own_loop_accepts(name: str) -> tuple:
+    """``(data names, model tasks, extra model names)`` an own-loop trainer accepts."""
+    if name in OWN_LOOP_TRAINERS:
+        return OWN_LOOP_TRAINERS[name][3], OWN_LOOP_TRAINERS[name][4], ()
+    spec = _app_module(name)[1]
+    return tuple(spec["data"]), tuple(spec["tasks"]), tuple(spec.get("models", ()))
 
 
 @dataclass
@@ -139,8 +179,7 @@ class TrainerSection:
     ``OWN_LOOP_TRAINERS`` for the own-loop trainers, causal LMs on ``data.name: gsm`` for the TRL ones.
     """
 
-    name: Optional[Literal["sft", "dpo", "mrdpo", "grpo", "sft_grpo", "mtp", "planner", "lorid", "unlearning",
-                           "continual"]] = field(
+    name: Optional[str] = field(
         default=None,
         metadata={"help": "sft: TRL SFT; dpo: one round of DPO on pairs from the model; mrdpo: multi-round DPO with "
                   "merge-and-reinit (video-SALMONN 2); grpo: GRPO; sft_grpo: SFT then GRPO on the same adapter "
@@ -149,7 +188,8 @@ class TrainerSection:
                   "adapter (trainer.args = PlannerConfig fields); lorid: LoRID's three interacting adapters with the "
                   "consistency loop (trainer.args = LoRIDConfig fields); unlearning: O3 sequential unlearning "
                   "requests with the OOD gate (UnlearningConfig); continual: CoDyRA over a sequence of tasks against "
-                  "sequential LoRA (ContinualConfig); null: the plain Trainer."},
+                  "sequential LoRA (ContinualConfig); a module name of peft_ext/apps: that application recipe "
+                  "(its RECIPE config); null: the plain Trainer."},
     )
     sft_steps: int = field(
         default=0,
@@ -200,6 +240,14 @@ class Recipe:
     """A whole training run. See the module docstring for an example."""
 
     name: str = field(default="run", metadata={"help": "Name of the run, used in result files."})
+    paper: str = field(
+        default="", metadata={"help": "The paper this recipe reproduces (title and link); `peft-ext recipes` lists it."}
+    )
+    tiny: Optional[str] = field(
+        default=None,
+        metadata={"help": "A full-size recipe's seconds-long variant: a file name in the same folder (the test suite "
+                  "runs it end to end)."},
+    )
     output_dir: str = field(default="out/run", metadata={"help": "Folder for checkpoints, adapter, metrics, plot."})
     seed: int = field(default=0, metadata={"help": "Seed of initialisation, data order and rank sampling."})
     model: ModelSection = field(default_factory=ModelSection, metadata={"help": "The base model."})
@@ -354,11 +402,16 @@ def _validate_semantics(recipe: Recipe) -> None:
         config_cls(**recipe.method.config)
     except (ValueError, TypeError) as exc:
         raise RecipeError(f"method.config: {exc}") from exc
-    if recipe.data.name not in DATA_NAMES:
-        raise RecipeError(f"data.name must be one of {list(DATA_NAMES)}; got {recipe.data.name!r}.")
-    if recipe.model.name not in MODEL_NAMES and not Path(recipe.model.name).is_dir():
+    app = recipe.trainer.name in app_trainer_names()
+    data_names, tasks, model_names = own_loop_accepts(recipe.trainer.name) if app else (DATA_NAMES, TASKS, ())
+    if recipe.data.name not in data_names:
+        raise RecipeError(f"data.name must be one of {list(data_names)}; got {recipe.data.name!r}.")
+    if recipe.model.task not in tasks:
+        raise RecipeError(f"model.task must be one of {list(tasks)}; got {recipe.model.task!r}.")
+    model_names = MODEL_NAMES + tuple(model_names)
+    if recipe.model.name not in model_names and not Path(recipe.model.name).is_dir():
         raise RecipeError(
-            f"model.name must be one of {list(MODEL_NAMES)} or a local folder; got {recipe.model.name!r}.")
+            f"model.name must be one of {list(model_names)} or a local folder; got {recipe.model.name!r}.")
     training_fields = {f.name for f in dataclasses.fields(TrainingArguments) if f.init} - {"output_dir"}
     for name in recipe.training:
         if name not in training_fields:
@@ -383,7 +436,7 @@ def trainer_config_class(name: str):
         from .trainers.mrdpo import MrDPOConfig
 
         return MrDPOConfig
-    if name in OWN_LOOP_TRAINERS:
+    if name in OWN_LOOP_TRAINERS or name in app_trainer_names():
         return own_loop_trainer(name)[1]
     if name == "sft":
         from .trainers.gazal import GazalSFTConfig
@@ -404,14 +457,17 @@ def _validate_trainer(recipe: Recipe) -> None:
             raise RecipeError(
                 f"trainer.{changed[0]} applies only with trainer.name set (one of {list(TRAINER_NAMES)}).")
         return
-    data_names, tasks = OWN_LOOP_TRAINERS[t.name][3:5] if t.name in OWN_LOOP_TRAINERS else (("gsm",), ("causal_lm",))
+    if t.name not in trainer_names():
+        raise RecipeError(f"trainer.name must be one of {trainer_names()} or null; got {t.name!r}.")
+    own_loop = t.name in OWN_LOOP_TRAINERS or t.name in app_trainer_names()
+    data_names, tasks = own_loop_accepts(t.name)[:2] if own_loop else (("gsm",), ("causal_lm",))
     if recipe.model.task not in tasks or recipe.data.name not in data_names:
         raise RecipeError(f"trainer {t.name!r} needs model.task {' or '.join(repr(k) for k in tasks)} and data.name "
                           f"{' or '.join(repr(d) for d in data_names)}; got {recipe.model.task!r} with "
                           f"{recipe.data.name!r}.")
     if recipe.evaluation.ranks is not None:
         raise RecipeError(f"evaluation.ranks does not apply with trainer {t.name!r}.")
-    if t.name in OWN_LOOP_TRAINERS:
+    if own_loop:
         _validate_own_loop(recipe)
         return
     minimum = {"rounds": 1, "steps_per_round": 1, "grpo_steps": 1, "num_samples": 1, "max_new_tokens": 1,

@@ -50,7 +50,7 @@ def test_train_end_to_end_writes_adapter_card_metrics_plot(tmp_path, capsys):
         (["training.learnig_rate=0.1"], r"Unknown key 'training\.learnig_rate'\. Did you mean 'learning_rate'\?"),
         (["data.max_train=lots"], r"data\.max_train must be an integer or null; got 'lots'"),
         (["method.config.rr=4"], r"Unknown key 'method\.config\.rr'\. Did you mean 'r'\?"),
-        (["model.task=classify"], r"model\.task must be one of 'seq_cls', 'causal_lm'"),
+        (["model.task=classify"], r"model\.task must be one of \['seq_cls', 'causal_lm'\]; got 'classify'"),
         (["data.name=imdb"], r"data\.name must be one of"),
         (["evaluation.ranks=some"], r"evaluation\.ranks must be 'all'"),
     ],

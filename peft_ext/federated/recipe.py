@@ -93,6 +93,14 @@ class FederatedRecipe:
     """A federated FLASC run (``peft-ext federate RECIPE``)."""
 
     name: str = field(default="flasc", metadata={"help": "Name of the run, used in result files."})
+    paper: str = field(
+        default="", metadata={"help": "The paper this recipe reproduces (title and link); `peft-ext recipes` lists it."}
+    )
+    tiny: Optional[str] = field(
+        default=None,
+        metadata={"help": "A full-size recipe's seconds-long variant: a file name in the same folder (the test suite "
+                  "runs it end to end)."},
+    )
     output_dir: str = field(default="out/flasc", metadata={"help": "Folder for metrics.json, plot, adapter."})
     seed: int = field(default=0, metadata={"help": "Seed of the base model head and the adapter initialisation."})
     model: ModelSection = field(default_factory=ModelSection, metadata={"help": "The base model (seq_cls)."})

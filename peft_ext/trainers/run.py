@@ -24,7 +24,7 @@ from typing import Optional
 import numpy as np
 
 from .._io import atomic_savefig, atomic_write_json
-from ..recipe import OWN_LOOP_TRAINERS, Recipe, own_loop_trainer, to_dict
+from ..recipe import OWN_LOOP_TRAINERS, Recipe, app_trainer_names, own_loop_trainer, to_dict
 
 
 def evaluate_generations(model, tokenizer, rows, n: int, max_new_tokens: int) -> dict:
@@ -320,7 +320,7 @@ def train_recipe(recipe: Recipe, resume: bool = False, quiet: bool = False) -> d
     t = recipe.trainer
     if t.name is None:
         raise ValueError("train_recipe runs recipes with a trainer section (trainer.name); use peft_ext.runner.train.")
-    if t.name in OWN_LOOP_TRAINERS:  # mtp, planner, lorid: their own loops
+    if t.name in OWN_LOOP_TRAINERS or t.name in app_trainer_names():  # mtp, planner, ..., peft_ext/apps: own loops
         return own_loop_trainer(t.name)[2](recipe, resume=resume, quiet=quiet)
     torch.manual_seed(recipe.seed)
     run = _Run(recipe, resume, quiet)
