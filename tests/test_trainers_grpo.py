@@ -63,6 +63,16 @@ def test_drifted_defaults_are_pinned():
         (0.04, "grpo", 8, "group", False)
 
 
+def test_bf16_is_off_on_cpu_unless_asked():
+    """TRL turns bf16 on when unset; on a CPU without native bf16 that makes every matmul ~10x slower (PyTorch's scalar
+    fallback), so peft-ext's configs resolve the unset value to fp32 on CPU; an explicit value is kept."""
+    from peft_ext.trainers import MrDPOConfig
+
+    for cls in (GazalSFTConfig, GazalGRPOConfig, MrDPOConfig):
+        assert cls(output_dir="x", report_to=[], use_cpu=True).bf16 is False, cls.__name__
+    assert GazalSFTConfig(output_dir="x", report_to=[], use_cpu=True, bf16=True).bf16 is True
+
+
 @pytest.mark.parametrize("adapter", ["dora_rslora", "nola"])
 def test_grpo_continues_the_sft_adapter(adapter, tmp_path):
     peft_config = (dora_rslora_preset(r=4, lora_alpha=8) if adapter == "dora_rslora"

@@ -9,8 +9,9 @@ SFT ``PeftModel`` goes into ``GRPOTrainer`` as it is, and with ``beta > 0`` TRL 
 
 Every TRL default that has drifted between TRL versions (``beta``: 0.04 → 0.0 in TRL 1.x, ``loss_type``: "grpo" →
 "bnpo" → "dapo", ``scale_rewards``, ``num_generations``, ``max_completion_length``, ``temperature``, TRL's base
-config turning gradient checkpointing on, ...) is re-declared in ``GazalGRPOConfig`` / ``GazalSFTConfig`` with an
-explicit value, so a TRL upgrade cannot change the recipe silently. ``PINNED_GRPO`` / ``PINNED_SFT`` list them.
+config turning gradient checkpointing on, and ``bf16`` on even on CPUs without native bf16, ...) is re-declared in
+``GazalGRPOConfig`` / ``GazalSFTConfig`` with an explicit value, so a TRL upgrade cannot change the recipe silently.
+``PINNED_GRPO`` / ``PINNED_SFT`` list them.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from trl import GRPOConfig, GRPOTrainer, SFTConfig
+
+from ._precision import BF16_HELP, default_bf16
 
 PAPER_URL = "https://arxiv.org/abs/2506.21594"
 CODE_URL = ""
@@ -45,6 +48,12 @@ class GazalSFTConfig(SFTConfig):
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute activations in the backward pass (TRL's base config: on)."}
     )
+    bf16: Optional[bool] = field(default=None, metadata={"help": BF16_HELP})
+
+    def __post_init__(self):
+        if self.bf16 is None:
+            self.bf16 = default_bf16(self.use_cpu)
+        super().__post_init__()
 
 
 @dataclass
@@ -94,6 +103,7 @@ class GazalGRPOConfig(GRPOConfig):
         default=False, metadata={"help": "Recompute activations in the backward pass (TRL's base config: on)."}
     )
     log_completions: bool = field(default=False, metadata={"help": "Print sampled completions at each log step."})
+    bf16: Optional[bool] = field(default=None, metadata={"help": BF16_HELP})
 
     def __post_init__(self):
         from ..rewards import REWARDS
@@ -104,15 +114,18 @@ class GazalGRPOConfig(GRPOConfig):
         if self.reward_weights is not None and len(self.reward_weights) != len(self.rewards):
             raise ValueError(f"GazalGRPOConfig.reward_weights needs one weight per reward ({len(self.rewards)}: "
                              f"{self.rewards}); got {self.reward_weights!r}.")
+        if self.bf16 is None:
+            self.bf16 = default_bf16(self.use_cpu)
         super().__post_init__()
 
 
 PINNED_SFT = ("learning_rate", "max_length", "packing", "completion_only_loss", "assistant_only_loss", "loss_type",
-              "shuffle_dataset", "gradient_checkpointing")
+              "shuffle_dataset", "gradient_checkpointing", "bf16")
 PINNED_GRPO = ("beta", "num_generations", "loss_type", "scale_rewards", "epsilon", "num_iterations",
                "max_completion_length", "temperature", "top_p", "top_k", "repetition_penalty",
                "mask_truncated_completions", "importance_sampling_level", "multi_objective_aggregation",
-               "learning_rate", "disable_dropout", "shuffle_dataset", "gradient_checkpointing", "log_completions")
+               "learning_rate", "disable_dropout", "shuffle_dataset", "gradient_checkpointing", "log_completions",
+               "bf16")
 
 
 class GazalGRPOTrainer(GRPOTrainer):

@@ -43,6 +43,8 @@ from typing import Any, Callable, Optional
 import torch
 from trl import DPOConfig, DPOTrainer
 
+from ._precision import BF16_HELP, default_bf16
+
 PAPER_URL = "https://arxiv.org/abs/2506.15220"
 CODE_URL = "https://github.com/bytedance/video-SALMONN-2"
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
@@ -97,6 +99,7 @@ class MrDPOConfig(DPOConfig):
     precompute_ref_log_probs: bool = field(
         default=False, metadata={"help": "Must be False: the reference changes every round."}
     )
+    bf16: Optional[bool] = field(default=None, metadata={"help": BF16_HELP})
 
     def __post_init__(self):
         for name in ("rounds", "steps_per_round"):
@@ -116,6 +119,8 @@ class MrDPOConfig(DPOConfig):
             raise ValueError(
                 "MrDPOConfig.sync_ref_model must be False: the reference is the merged model of each round.")
         self.max_steps = self.steps_per_round
+        if self.bf16 is None:
+            self.bf16 = default_bf16(self.use_cpu)
         super().__post_init__()
 
 
