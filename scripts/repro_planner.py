@@ -7,7 +7,7 @@ For the function subsets (domains) ``d_1 .. d_D`` of BFCL (``peft_ext.data.bfcl.
   ``m`` single adapters together),
 
 then merges the first ``m`` single adapters into one planner with every rule (PEFT's ``add_weighted_adapter`` rules
-and LoRA-LEGO, ``peft_ext.trainers.planner.merge_adapters``, weights 1.0) and scores every adapter's greedy plans on
+and LoRA-LEGO, ``peft_ext.merging.add_merged_adapter``, weights 1.0) and scores every adapter's greedy plans on
 held-out rows of every domain: plan success (``plan_success``: the steps name exactly the ground-truth functions, one
 step per call). In-domain = the rows of the domains an adapter was trained on / merged from, cross-domain = the rest.
 
@@ -83,6 +83,7 @@ def _train_job(args, name: str, domains: list, steps: int, seed: int) -> dict:
 
 def _eval_job(args, folders: dict, jobs: list) -> dict:
     """Plan success per domain of each job: ``("adapter", name)`` or ``("merge", rule, [adapters])``."""
+    from peft_ext.merging import add_merged_adapter
     from peft_ext.trainers import planner as pl
 
     recipe, config, _, eval_rows = _setup(args)
@@ -93,7 +94,7 @@ def _eval_job(args, folders: dict, jobs: list) -> dict:
         start = time.time()
         name = job[1] if job[0] == "adapter" else f"{job[1]}-{len(job[2])}"
         if job[0] == "merge":
-            pl.merge_adapters(model, job[2], job[1], name, density=config.density, seed=args.seed)
+            add_merged_adapter(model, job[2], job[1], name, density=config.density, seed=args.seed)
         values = pl.plan_scores(model, tokenizer, name, rows, config)
         if job[0] == "merge":
             model.delete_adapter(name)

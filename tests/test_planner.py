@@ -16,6 +16,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import peft_ext  # noqa: F401  (registers the tuners)
+from peft_ext.merging import add_merged_adapter
+from peft_ext.merging.merge import PEFT_COMBINATIONS
 from peft_ext.trainers import planner as pl
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "tiny_planner.yaml"
@@ -70,7 +72,7 @@ def test_linear_one_adapter_weight_one_is_that_adapter():
     """PEFT puts sqrt(weight × scaling) on A and on B as a float32 tensor, so the product matches to float32's
     rounding of that factor (2 × 2^-24 relative), not float64's: rtol 3e-7."""
     model = _lora_model({"d1": (4, 8)})
-    pl.merge_adapters(model, ["d1"], "linear", "merged", weights=[1.0])
+    add_merged_adapter(model, ["d1"], "linear", "merged", weights=[1.0])
     want, got = _deltas(model, "d1"), _deltas(model, "merged")
     assert want.keys() == got.keys() and len(want) == 4  # q_proj, v_proj in 2 layers
     for name in want:
@@ -87,7 +89,7 @@ def test_cat_is_the_sum_of_delta_w():
     """Different ranks and scalings; weights scale each ΔW (cat folds weight × scaling into A)."""
     model = _lora_model({"d1": (2, 4), "d2": (4, 4), "d3": (3, 9)})
     weights = [1.0, 0.5, -2.0]
-    pl.merge_adapters(model, ["d1", "d2", "d3"], "cat", "merged", weights=weights)
+    add_merged_adapter(model, ["d1", "d2", "d3"], "cat", "merged", weights=weights)
     assert model.peft_config["merged"].r == 2 + 4 + 3
     got = _deltas(model, "merged")
     parts = [_deltas(model, a) for a in ("d1", "d2", "d3")]
@@ -98,30 +100,30 @@ def test_cat_is_the_sum_of_delta_w():
 
 def test_svd_at_full_rank_is_cat():
     model = _lora_model({"d1": (2, 4), "d2": (4, 8)})
-    pl.merge_adapters(model, ["d1", "d2"], "cat", "cat")
-    pl.merge_adapters(model, ["d1", "d2"], "svd", "svd", svd_rank=6)
+    add_merged_adapter(model, ["d1", "d2"], "cat", "cat")
+    add_merged_adapter(model, ["d1", "d2"], "svd", "svd", svd_rank=6)
     cat, svd = _deltas(model, "cat"), _deltas(model, "svd")
     for name in cat:
         # an SVD round trip in float64: ~1e-15 relative to the largest entry; 1e-10 absolute is far above that
         torch.testing.assert_close(svd[name], cat[name], rtol=0, atol=1e-10)
     # below full rank the svd merge is the best rank-k approximation, no longer equal
-    pl.merge_adapters(model, ["d1", "d2"], "svd", "svd2", svd_rank=2)
+    add_merged_adapter(model, ["d1", "d2"], "svd", "svd2", svd_rank=2)
     assert any((_deltas(model, "svd2")[n] - cat[n]).abs().max() > 1e-6 for n in cat)
 
 
-@pytest.mark.parametrize("rule", [r for r in pl.PEFT_RULES if r not in ("linear", "cat", "svd")])
+@pytest.mark.parametrize("rule", [r for r in PEFT_COMBINATIONS if r not in ("linear", "cat", "svd")])
 def test_every_peft_rule_gives_a_lora_planner(rule):
     """Each remaining rule builds a LoRA of the expected rank whose ΔW differs from both inputs; at density 1 the
     pruning rules keep everything (dare rescales by 1/density = 1), so dare_linear and magnitude_prune equal linear."""
     model = _lora_model({"d1": (4, 8), "d2": (4, 8)})
-    pl.merge_adapters(model, ["d1", "d2"], rule, "merged", density=0.5, svd_rank=3)
+    add_merged_adapter(model, ["d1", "d2"], rule, "merged", density=0.5, svd_rank=3)
     assert model.peft_config["merged"].r == (3 if rule.endswith("svd") else 4)
     got, a, b = _deltas(model, "merged"), _deltas(model, "d1"), _deltas(model, "d2")
     assert all(torch.isfinite(v).all() for v in got.values())
     assert all((got[n] - a[n]).abs().max() > 1e-6 and (got[n] - b[n]).abs().max() > 1e-6 for n in got)
     if rule in ("dare_linear", "magnitude_prune"):
-        pl.merge_adapters(model, ["d1", "d2"], "linear", "linear")
-        pl.merge_adapters(model, ["d1", "d2"], rule, "dense", density=1.0)
+        add_merged_adapter(model, ["d1", "d2"], "linear", "linear")
+        add_merged_adapter(model, ["d1", "d2"], rule, "dense", density=1.0)
         lin, dense = _deltas(model, "linear"), _deltas(model, "dense")
         for n in lin:
             torch.testing.assert_close(dense[n], lin[n], rtol=0, atol=ATOL)
@@ -130,13 +132,13 @@ def test_every_peft_rule_gives_a_lora_planner(rule):
 def test_merge_refuses_bad_input():
     model = _lora_model({"d1": (4, 8), "d2": (2, 8)})
     with pytest.raises(ValueError, match="rule must be one of"):
-        pl.merge_adapters(model, ["d1"], "mean", "m")
+        add_merged_adapter(model, ["d1"], "mean", "m")
     with pytest.raises(ValueError, match=r"adapters \['zz'\] not found"):
-        pl.merge_adapters(model, ["d1", "zz"], "cat", "m")
+        add_merged_adapter(model, ["d1", "zz"], "cat", "m")
     with pytest.raises(ValueError, match="exists already"):
-        pl.merge_adapters(model, ["d1"], "cat", "d2")
+        add_merged_adapter(model, ["d1"], "cat", "d2")
     with pytest.raises(ValueError, match="2 weights for 1 adapters"):
-        pl.merge_adapters(model, ["d1"], "cat", "m", weights=[1, 2])
+        add_merged_adapter(model, ["d1"], "cat", "m", weights=[1, 2])
 
 
 def test_tuner_merges_through_its_exported_lora(tmp_path):
@@ -157,7 +159,7 @@ def test_tuner_merges_through_its_exported_lora(tmp_path):
         folders[name] = pl.export_lora(model, tmp_path / name, rank=4)
     merged = PeftModel.from_pretrained(clean, str(folders["x"]), adapter_name="x")
     merged.load_adapter(str(folders["y"]), adapter_name="y")
-    pl.merge_adapters(merged, ["x", "y"], "cat", "planner")
+    add_merged_adapter(merged, ["x", "y"], "cat", "planner")
     got = _deltas(merged, "planner")
     assert got.keys() == native["x"].keys()
     for n in got:
@@ -184,12 +186,12 @@ def test_lego_rule_dispatches_to_lora_lego():
     """With k = Σr clusters and no reweighting every rank-1 unit is its own cluster: the LEGO merge is the sum of ΔW
     (METHODS.md §6.1). The default (dual reweighting, k = r) gives a rank-r LoRA that is not that sum."""
     model = _lora_model({"d1": (2, 4), "d2": (2, 4)})
-    pl.merge_adapters(model, ["d1", "d2"], "lego", "merged", lego_k=4, lego_reweight=())
+    add_merged_adapter(model, ["d1", "d2"], "lego", "merged", lego_k=4, lego_reweight=())
     got, a, b = _deltas(model, "merged"), _deltas(model, "d1"), _deltas(model, "d2")
     for n in got:
         # float64 factors; the clustering only permutes and copies rank-1 units, so only summation order differs
         torch.testing.assert_close(got[n], a[n] + b[n], rtol=0, atol=1e-9)
-    pl.merge_adapters(model, ["d1", "d2"], "lego", "lego")
+    add_merged_adapter(model, ["d1", "d2"], "lego", "lego")
     assert model.peft_config["lego"].r == 2
     assert any((_deltas(model, "lego")[n] - a[n] - b[n]).abs().max() > 1e-6 for n in got)
 
@@ -356,7 +358,7 @@ def test_tiny_recipe_end_to_end_and_resume(tmp_path, one_thread, capsys):
     # the saved planner is the TIES merge (seeded) of the saved subset adapters
     recipe = load_recipe(RECIPE, [f"output_dir={full}"])
     model, _ = pl.load_adapters(recipe, {s: full / "subsets" / s for s in ("math", "finance")})
-    pl.merge_adapters(model, ["math", "finance"], "ties", "again", seed=recipe.seed)
+    add_merged_adapter(model, ["math", "finance"], "ties", "again", seed=recipe.seed)
     saved = _planner_weights(full)
     again = {k.replace(".again.", "."): v for k, v in model.state_dict().items() if ".again." in k}
     assert saved.keys() == again.keys() and len(saved) == 8  # lora_A, lora_B of q_proj, v_proj in 2 layers

@@ -14,7 +14,7 @@ import os
 from typing import Optional, Sequence
 
 from .adapters import PREFIX, MergeInputError, average_extra, check_compatible, load_adapter, write_lora_folder
-from .lego import REWEIGHTS, merge_views
+from .lego import REWEIGHTS, add_lego_adapter, merge_views
 
 RULES = ("lego", "linear", "ties", "dare_ties", "cat", "svd")
 # rule -> PEFT combination_type without k (factor-wise: equal ranks, output rank r) and with k (on ΔW, then an SVD
@@ -26,6 +26,11 @@ _PEFT_TYPES = {
     "cat": ("cat", None),
     "svd": ("svd", "svd"),
 }
+# Rules of ``add_merged_adapter`` (adapters loaded in one model): every combination type of PEFT's
+# ``add_weighted_adapter``, and LoRA-LEGO.
+PEFT_COMBINATIONS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
+                     "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd")
+IN_MODEL_RULES = PEFT_COMBINATIONS + ("lego",)
 
 
 def merge_adapters(
@@ -143,3 +148,53 @@ def _base_model(view, base_model):
         return _base_model_for(config)
     finally:
         config.base_model_name_or_path = saved
+
+
+def add_merged_adapter(model, adapters: Sequence[str], rule: str, adapter_name: str = "merged",
+                   weights: Optional[Sequence[float]] = None, density: float = 0.5, svd_rank: Optional[int] = None,
+                   lego_k: Optional[int] = None, majority_sign_method: str = "total", seed: int = 0,
+                   lego_reweight: Optional[Sequence[str]] = None) -> str:
+    """Merge LoRA adapters loaded in a PEFT ``model`` into a new LoRA adapter ``adapter_name`` of the same model (e.g.
+    Octo-planner's planner, ``peft_ext.trainers.planner``): ``rule`` is a combination type of PEFT's
+    ``add_weighted_adapter`` or ``lego``
+    (``peft_ext.merging.add_lego_adapter``). ``weights`` default to 1.0 each; dare_* draw their masks after
+    ``torch.manual_seed(seed)``; ``lego_k`` (default: the largest input rank) and ``lego_reweight`` (default: LEGO's
+    dual reweighting) go to ``add_lego_adapter``. Returns ``adapter_name``."""
+    import torch
+
+    if rule not in IN_MODEL_RULES:
+        raise ValueError(f"add_merged_adapter: rule must be one of {list(IN_MODEL_RULES)}; got {rule!r}.")
+    config = getattr(model, "peft_config", None)
+    if not isinstance(config, dict):
+        raise ValueError("add_merged_adapter: model must be a PeftModel with LoRA adapters; got "
+                         f"{type(model).__name__}.")
+    adapters = list(adapters)
+    missing = [a for a in adapters if a not in config]
+    if not adapters or missing:
+        raise ValueError(f"add_merged_adapter: adapters {missing or adapters} not found; the model has {list(config)}.")
+    not_lora = [a for a in adapters if str(getattr(config[a].peft_type, "value", config[a].peft_type)) != "LORA"]
+    if not_lora:
+        raise ValueError(f"add_merged_adapter: {not_lora} are not LoRA adapters; export them first (PEFT's "
+                         "convert_to_lora).")
+    if adapter_name in config:
+        raise ValueError(f"add_merged_adapter: adapter_name {adapter_name!r} exists already; choose another name.")
+    weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(adapters):
+        raise ValueError(f"add_merged_adapter: {len(weights)} weights for {len(adapters)} adapters.")
+    torch.manual_seed(seed)
+    if rule == "lego":
+        rank = max(config[a].r for a in adapters)
+        extra = {} if lego_reweight is None else {"reweight": tuple(lego_reweight)}
+        add_lego_adapter(model, adapters, weights, adapter_name, k=lego_k or rank, seed=seed, **extra)
+    else:
+        kwargs = {}
+        if rule.endswith("svd"):
+            kwargs["svd_rank"] = svd_rank
+        if rule not in ("linear", "cat", "svd"):
+            kwargs["density"] = density
+        if "ties" in rule:
+            kwargs["majority_sign_method"] = majority_sign_method
+        model.add_weighted_adapter(adapters, weights, adapter_name, combination_type=rule, **kwargs)
+    if adapter_name not in model.peft_config:
+        raise ValueError(f"add_merged_adapter: rule {rule!r} did not create adapter {adapter_name!r}.")
+    return adapter_name

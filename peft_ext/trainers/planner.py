@@ -15,7 +15,7 @@ Here, on BFCL (``peft_ext.data.bfcl``):
   offered function names.
 * Action target: the call of one step (``ground_truth_call`` of that call); the action model sees the query, the plan,
   the step and the compact signature of the step's function.
-* One adapter per subset (TRL ``SFTTrainer``), merged (``merge_adapters``) into the ``planner`` adapter; one
+* One adapter per subset (TRL ``SFTTrainer``), merged (``add_merged_adapter``) into the ``planner`` adapter; one
   ``action`` adapter trained on every subset. A peft-ext tuner that exports to LoRA (``MethodSpec.lora_convertible``)
   is trained as itself, exported with PEFT's ``convert_to_lora`` at ``export_rank`` and merged through that LoRA.
 * ``PlannerActionPipeline``: plan with the planner adapter, then one call per step with the action adapter; the calls
@@ -34,21 +34,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..merging.merge import IN_MODEL_RULES, add_merged_adapter
+
 PAPER_URL = "https://arxiv.org/abs/2406.18082"
-PEFT_RULES = (
-    "linear",
-    "cat",
-    "svd",
-    "ties",
-    "ties_svd",
-    "dare_linear",
-    "dare_ties",
-    "dare_linear_svd",
-    "dare_ties_svd",
-    "magnitude_prune",
-    "magnitude_prune_svd",
-)
-MERGE_RULES = PEFT_RULES + ("lego",)
+MERGE_RULES = IN_MODEL_RULES
 PLANNER = "planner"
 ACTION = "action"
 DEFAULT_CATEGORIES = ("simple", "multiple", "parallel", "parallel_multiple")
@@ -319,57 +308,6 @@ def planner_splits(config: PlannerConfig, seed: int = 0, max_train: Optional[int
 
 
 # ---------------------------------------------------------------------------------------------------- merging
-def merge_adapters(model, adapters: Sequence[str], rule: str, adapter_name: str = PLANNER,
-                   weights: Optional[Sequence[float]] = None, density: float = 0.5, svd_rank: Optional[int] = None,
-                   lego_k: Optional[int] = None, majority_sign_method: str = "total", seed: int = 0,
-                   lego_reweight: Optional[Sequence[str]] = None) -> str:
-    """Merge LoRA adapters of a PEFT ``model`` into a new LoRA adapter ``adapter_name`` (Octo-planner's merged planner,
-    https://arxiv.org/abs/2406.18082): ``rule`` is a combination type of PEFT's ``add_weighted_adapter`` or ``lego``
-    (``peft_ext.merging.add_lego_adapter``). ``weights`` default to 1.0 each; dare_* draw their masks after
-    ``torch.manual_seed(seed)``; ``lego_k`` (default: the largest input rank) and ``lego_reweight`` (default: LEGO's
-    dual reweighting) go to ``add_lego_adapter``. Returns ``adapter_name``."""
-    import torch
-
-    if rule not in MERGE_RULES:
-        raise ValueError(f"merge_adapters: rule must be one of {list(MERGE_RULES)}; got {rule!r}.")
-    config = getattr(model, "peft_config", None)
-    if not isinstance(config, dict):
-        raise ValueError(f"merge_adapters: model must be a PeftModel with LoRA adapters; got {type(model).__name__}.")
-    adapters = list(adapters)
-    missing = [a for a in adapters if a not in config]
-    if not adapters or missing:
-        raise ValueError(f"merge_adapters: adapters {missing or adapters} not found; the model has {list(config)}.")
-    not_lora = [a for a in adapters if str(getattr(config[a].peft_type, "value", config[a].peft_type)) != "LORA"]
-    if not_lora:
-        raise ValueError(f"merge_adapters: {not_lora} are not LoRA adapters; export them first (export_lora).")
-    if adapter_name in config:
-        raise ValueError(f"merge_adapters: adapter_name {adapter_name!r} exists already; choose another name.")
-    weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
-    if len(weights) != len(adapters):
-        raise ValueError(f"merge_adapters: {len(weights)} weights for {len(adapters)} adapters.")
-    torch.manual_seed(seed)
-    if rule == "lego":
-        try:
-            from ..merging import add_lego_adapter
-        except ImportError as exc:
-            raise ValueError(f"merge rule 'lego' needs peft_ext.merging.add_lego_adapter ({exc}).") from exc
-        rank = max(config[a].r for a in adapters)
-        extra = {} if lego_reweight is None else {"reweight": tuple(lego_reweight)}
-        add_lego_adapter(model, adapters, weights, adapter_name, k=lego_k or rank, seed=seed, **extra)
-    else:
-        kwargs = {}
-        if rule.endswith("svd"):
-            kwargs["svd_rank"] = svd_rank
-        if rule not in ("linear", "cat", "svd"):
-            kwargs["density"] = density
-        if "ties" in rule:
-            kwargs["majority_sign_method"] = majority_sign_method
-        model.add_weighted_adapter(adapters, weights, adapter_name, combination_type=rule, **kwargs)
-    if adapter_name not in model.peft_config:
-        raise ValueError(f"merge_adapters: rule {rule!r} did not create adapter {adapter_name!r}.")
-    return adapter_name
-
-
 def export_lora(model, folder, rank: int, adapter_name: str = "default") -> Path:
     """Export a peft-ext tuner's adapter as a plain LoRA of ``rank`` (PEFT's ``convert_to_lora``: SVD of each ΔW) into
     ``folder``, each file written atomically; how non-LoRA subset adapters are merged."""
@@ -762,7 +700,7 @@ def train_planner_recipe(recipe, resume: bool = False, quiet: bool = False) -> d
     folders = {s: _lora_folder(out, recipe, f"subsets/{s}") for s in subsets}
     folders[ACTION] = _lora_folder(out, recipe, ACTION)
     model, tokenizer = load_adapters(recipe, folders)
-    merge_adapters(model, subsets, config.merge_rule, PLANNER, weights=config.merge_weights, density=config.density,
+    add_merged_adapter(model, subsets, config.merge_rule, PLANNER, weights=config.merge_weights, density=config.density,
                    svd_rank=config.svd_rank, lego_k=config.lego_k, majority_sign_method=config.majority_sign_method,
                    seed=recipe.seed)
     save_named_adapter(model, PLANNER, out / PLANNER)
