@@ -143,7 +143,7 @@ def lora_frequency_metrics(pipe, adapters: Sequence[str], min_radius: int, log: 
             if state is not None:  # every adapter starts from the same noise
                 generator.set_state(state)
             pipe.unet.set_adapters([name])
-            latents = pipe(output_type="latent", **pipe_kwargs).images
+            latents = pipe(**{**pipe_kwargs, "output_type": "latent"}).images
             metrics[name] = frequency_metric(latents[0], min_radius=min_radius, log=log)
     return metrics
 

@@ -161,7 +161,7 @@ def train_inpaint_lora(pipe, images: torch.Tensor, config: Optional[InpaintLoraC
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     g = torch.Generator().manual_seed(config.seed)
-    unet, te, vae, tok, scheduler = pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer, pipe.scheduler
+    unet, te, vae = pipe.unet, pipe.text_encoder, pipe.vae
     for module in (unet, te, vae):
         module.requires_grad_(False)
     add_inpaint_loras(pipe, config)
@@ -172,27 +172,12 @@ def train_inpaint_lora(pipe, images: torch.Tensor, config: Optional[InpaintLoraC
         [{"params": unet_params, "lr": config.unet_learning_rate},
          {"params": te_params, "lr": config.text_encoder_learning_rate}],
         betas=(0.9, 0.999), weight_decay=config.weight_decay, eps=1e-8)
-    device, sf = pipe.device, vae.config.scaling_factor
     losses = []
     unet.train()
     te.train()
     for _ in range(config.steps):
         pick = torch.randint(0, images.shape[0], (config.batch_size,), generator=g)
-        batch = [training_example(images[i], rng, config) for i in pick.tolist()]
-        pixels = torch.stack([b["image"] for b in batch]).to(device, vae.dtype)
-        cond = torch.stack([b["conditioning"] for b in batch]).to(device, vae.dtype)
-        masks = torch.stack([b["mask"] for b in batch]).to(device, vae.dtype)
-        with torch.no_grad():
-            latents = vae.encode(pixels).latent_dist.sample(g) * sf
-            conditionings = vae.encode(cond).latent_dist.sample(g) * sf
-        masks = F.interpolate(masks, size=latents.shape[2:])
-        noise = torch.randn(latents.shape, generator=g).to(latents)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (config.batch_size,), generator=g).to(device)
-        noisy = scheduler.add_noise(latents, noise, t)
-        ids = tok([b["prompt"] for b in batch], padding="max_length", max_length=tok.model_max_length,
-                  truncation=True, return_tensors="pt").input_ids.to(device)
-        pred = unet(torch.cat([noisy, masks, conditionings], dim=1), t, te(ids)[0]).sample
-        loss = F.mse_loss(pred.float(), diffusion_target(scheduler, latents, noise, t).float())
+        loss = inpaint_loss(pipe, [training_example(images[i], rng, config) for i in pick.tolist()], g)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet_params + te_params, config.max_grad_norm)
@@ -205,6 +190,39 @@ def train_inpaint_lora(pipe, images: torch.Tensor, config: Optional[InpaintLoraC
     if output_dir is not None:
         save_inpaint_lora(pipe, output_dir, config.adapter_name)
     return {"loss": losses, "config": asdict(config)}
+
+
+def inpaint_loss(pipe, batch: list, generator: torch.Generator) -> torch.Tensor:
+    """The official training loss of a batch of ``training_example`` dicts: MSE between the UNet's prediction on
+    ``noisy latent ⊕ mask (latent size) ⊕ masked-image latent`` and the scheduler's target (noise), random t."""
+    unet, te, vae, tok, scheduler = pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer, pipe.scheduler
+    device, sf, g = pipe.device, vae.config.scaling_factor, generator
+    pixels = torch.stack([b["image"] for b in batch]).to(device, vae.dtype)
+    cond = torch.stack([b["conditioning"] for b in batch]).to(device, vae.dtype)
+    masks = torch.stack([b["mask"] for b in batch]).to(device, vae.dtype)
+    with torch.no_grad():
+        latents = vae.encode(pixels).latent_dist.sample(g) * sf
+        conditionings = vae.encode(cond).latent_dist.sample(g) * sf
+    masks = F.interpolate(masks, size=latents.shape[2:])
+    noise = torch.randn(latents.shape, generator=g).to(latents)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(batch),), generator=g).to(device)
+    noisy = scheduler.add_noise(latents, noise, t)
+    ids = tok([b["prompt"] for b in batch], padding="max_length", max_length=tok.model_max_length,
+              truncation=True, return_tensors="pt").input_ids.to(device)
+    pred = unet(torch.cat([noisy, masks, conditionings], dim=1), t, te(ids)[0]).sample
+    return F.mse_loss(pred.float(), diffusion_target(scheduler, latents, noise, t).float())
+
+
+def evaluate_inpaint_loss(pipe, images: torch.Tensor, config: Optional[InpaintLoraConfig] = None, examples: int = 16,
+                          seed: int = 1234) -> float:
+    """``inpaint_loss`` on a fixed set of ``examples`` (masks, prompts, noise and timesteps drawn from ``seed``), no
+    gradient: the same number before and after training tells whether training lowered the loss."""
+    config = config or InpaintLoraConfig()
+    rng = np.random.default_rng(seed)
+    g = torch.Generator().manual_seed(seed)
+    batch = [training_example(images[i % images.shape[0]], rng, config) for i in range(examples)]
+    with torch.no_grad():
+        return float(inpaint_loss(pipe, batch, g))
 
 
 def save_inpaint_lora(pipe, output_dir: Union[str, Path], adapter_name: str = "gsvton") -> Path:

@@ -57,17 +57,20 @@ def tiny_vae(in_channels: int = 3, latent_channels: int = 4):
                          block_out_channels=(16,), layers_per_block=1, norm_num_groups=8, sample_size=8)
 
 
-def tiny_pipeline(seed: int = 0, sample_size: int = 8, max_prompt_tokens: int = 16, cross_attention_dim: int = 32):
+def tiny_pipeline(seed: int = 0, sample_size: int = 8, max_prompt_tokens: int = 16, cross_attention_dim: int = 32,
+                  unet_channels: int = 4):
     """A randomly initialised ``StableDiffusionPipeline`` small enough for unit tests (a step takes milliseconds).
 
     Its images are ``sample_size`` pixels square (the VAE does not downsample). Safety checker and feature extractor are
-    off. Same ``seed`` -> same weights.
+    off. Same ``seed`` -> same weights. ``unet_channels`` sets the UNet's in/out channels: a pixel-space model (e.g. 1
+    for grey images) generates with ``output_type="latent"``, which returns the UNet's space without the VAE.
     """
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer(max_prompt_tokens)
-    unet = tiny_unet(sample_size=sample_size, cross_attention_dim=cross_attention_dim)
+    unet = tiny_unet(sample_size=sample_size, in_channels=unet_channels, out_channels=unet_channels,
+                     cross_attention_dim=cross_attention_dim)
     vae = tiny_vae()
     text_encoder = tiny_text_encoder(len(tokenizer), hidden_size=cross_attention_dim,
                                      max_prompt_tokens=max_prompt_tokens)
