@@ -124,6 +124,30 @@ def recipe_keys_table() -> str:
     return "\n".join(lines)
 
 
+def _paper_link(paper: str) -> str:
+    """A recipe's ``paper`` text with its one URL as a markdown link on the title; several URLs in angle brackets."""
+    urls = re.findall(r"https?://[^\s),]+", paper)
+    if len(urls) != 1:
+        return re.sub(r"(https?://[^\s),]+)", r"<\1>", paper).replace("|", "\\|")
+    title = paper.replace(urls[0], "").replace(", )", ")").replace(" ()", "").strip()
+    return f"[{title}]({urls[0]})".replace("|", "\\|")
+
+
+def recipes_index_table() -> str:
+    """Markdown table of the full-size recipes in ``recipes/`` (the ``peft-ext recipes`` listing): file, trainer,
+    paper, tiny variant, command. Tiny variants are named in their full recipe's row."""
+    from peft_ext.cli import recipe_index
+
+    lines = ["| recipe | trainer | paper | tiny variant (tests) |", "|---|---|---|---|"]
+    for row in recipe_index(ROOT / "recipes"):
+        if row["file"].startswith("tiny"):
+            continue
+        tiny = f"`{row['tiny']}`" if row["tiny"] else ""
+        link = f"[`{row['file']}`](../recipes/{row['file']}) (`peft-ext {row['command']}`)"
+        lines.append(f"| {link} | `{row['trainer']}` | {_paper_link(row['paper'])} | {tiny} |")
+    return "\n".join(lines)
+
+
 def replace_region(text: str, name: str, body: str, path: Path) -> str:
     """``text`` with the region between ``<!-- name:start -->`` and ``<!-- name:end -->`` set to ``body``."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
@@ -140,7 +164,8 @@ def expected_files() -> dict[Path, str]:
     readme = ROOT / "README.md"
     out[readme] = replace_region(readme.read_text(encoding="utf-8"), "methods", methods_table(), readme)
     recipes = ROOT / "docs" / "recipes.md"
-    out[recipes] = replace_region(recipes.read_text(encoding="utf-8"), "recipe-keys", recipe_keys_table(), recipes)
+    text = replace_region(recipes.read_text(encoding="utf-8"), "recipe-keys", recipe_keys_table(), recipes)
+    out[recipes] = replace_region(text, "recipes-index", recipes_index_table(), recipes)
     for spec in peft_ext.list_methods():
         page = METHODS_DIR / f"{spec.name}.md"
         if not page.is_file():

@@ -112,9 +112,9 @@ def test_local_links_resolve(path):
 
 
 def test_readme_is_a_front_page():
-    """A front page like PEFT's (~190 lines) and TRL's (~230): each recipe's measured summary is on it, the full tables
-    and everything else live in docs/."""
-    assert len((ROOT / "README.md").read_text(encoding="utf-8").splitlines()) <= 200
+    """A front page (PEFT's is ~190 lines, TRL's ~230): the methods table, each recipe with its measured result and
+    the reproduction tables the issues ask for; everything else (full tables, options, budgets) lives in docs/."""
+    assert len((ROOT / "README.md").read_text(encoding="utf-8").splitlines()) <= 300
 
 
 def test_python_snippets_in_docs_parse():
