@@ -1,5 +1,6 @@
 """LoRAT recipe (https://arxiv.org/abs/2403.05231): merged == unmerged, save → fresh-process load, the type
-embedding and head saved as modules_to_save, GIoU on fixed boxes, the token layout, resume, and errors naming the field."""
+embedding and head saved as modules_to_save, GIoU on fixed boxes, the token layout, resume, and errors naming the
+field."""
 
 import json
 import os
