@@ -111,7 +111,14 @@ def test_recall_at_k_on_fixed_similarities():
     b = torch.tensor([[1.0, 0, 0], [0, 0, 1.0], [0, 1.0, 0]])  # rows 1 and 2 swapped
     r = more.recall_at_k(a, b, [1, 2])
     assert r["text_to_signal_R@1"] == pytest.approx(1 / 3) and r["signal_to_text_R@1"] == pytest.approx(1 / 3)
-    assert r["text_to_signal_R@2"] == pytest.approx(1.0)  # ties count as misses only when strictly beaten
+    assert r["text_to_signal_R@2"] == pytest.approx(1.0)  # a tie with the true match does not count against it
+    # the oracle ceiling: exact noise-free signals find their noisy signal unless the noise carries it elsewhere
+    clean = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    assert more.oracle_recall({"clean_signal": clean, "signal": clean + 0.1}, [1])["text_to_signal_R@1"] == 1.0
+    moved = clean.clone()
+    moved[1] = torch.tensor([0.0, 0.9])  # signal 1 lands next to text 2's clean signal
+    o = more.oracle_recall({"clean_signal": clean, "signal": moved}, [1])
+    assert o["signal_to_text_R@1"] == pytest.approx(2 / 3)
 
 
 @pytest.mark.parametrize("override, field", [
