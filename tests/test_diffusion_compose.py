@@ -137,3 +137,19 @@ def test_bad_input_names_the_field(pipe, call, match):
         call(pipe)
     assert pipe.unet.active_adapters() == before
     assert "forward" not in pipe.unet.__dict__  # the UNet's forward is never left patched
+
+
+def test_every_public_name_resolves_lazily_to_its_method_module():
+    import peft_ext.diffusion as diffusion
+
+    assert set(diffusion.__all__) <= set(dir(diffusion))
+    for name in diffusion.__all__:
+        obj = getattr(diffusion, name)
+        module = diffusion._EXPORTS[name]
+        # the lazy table names the module that defines it (no stale entries pointing at a re-export)
+        assert obj.__module__ == f"peft_ext.diffusion.{module}", name
+    from peft_ext.diffusion import cmlora  # the submodule, whose generate function is exported as cmlora_generate
+
+    assert diffusion.cmlora_generate is cmlora.cmlora
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        diffusion.nope  # noqa: B018

@@ -331,3 +331,7 @@ def cmlora(pipe, high: Sequence[str], low: Sequence[str] = (), config: Optional[
             patched_forward(unet, make_forward):
         images = pipe(**pipe_kwargs).images
     return CompositionResult(images, counter["n"], cache.deep_evals, dominants)
+
+
+# the package-level name (``peft_ext.diffusion.cmlora`` is this module), named like the other methods' entry points
+cmlora_generate = cmlora
