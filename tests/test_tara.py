@@ -93,6 +93,29 @@ def test_one_concept_multi_tara_equals_tara(pipe, tmp_path):
     torch.testing.assert_close(multi, single, atol=1e-6, rtol=1e-6)  # same weights, same ops: equal up to round-off
 
 
+def test_two_concepts_composed_route_each_kv_token_to_its_own_concept(pipe):
+    unet = pipe.unet
+    add_tara(unet, tara_config(["car"], r=4, lora_alpha=16), adapter_name="car")
+    randomise_up(unet, "car", seed=5)
+    text, x, t = torch.randn(1, 16, 32), torch.randn(1, 4, 8, 8), torch.tensor([300])
+    routes = torch.full((1, 16), -1)
+    routes[0, 4] = 0
+
+    def run(r):
+        with tara_routes(unet, r), torch.no_grad():
+            unet(x, t, encoder_hidden_states=text)
+
+    alone = kv_outputs(unet, lambda: run(routes))  # 'car' alone (the last added adapter is active), token 4 routed
+    # the single-concept adapters stay on the UNet (one branch each): only the active composed adapter is routed
+    compose_tara(unet, ["teddy", "car"], adapter_name="both")
+    routes[0, 4] = 1  # branch 1 of the composed adapter = 'car'
+    both = kv_outputs(unet, lambda: run(routes))
+    for (_, a, base), (_, b, _) in zip(alone, both):
+        torch.testing.assert_close(b[0, 4], a[0, 4], atol=1e-5, rtol=1e-5)  # same delta, summed in another order
+        assert torch.equal(b[0, :4], base[0, :4])  # unrouted tokens: the base k/v exactly
+    assert (alone[0][1][0, 4] - alone[0][2][0, 4]).abs().max() > 1e-3  # the concept's delta is not zero
+
+
 def test_alignment_loss_equals_the_formula_on_random_tensors(pipe):
     unet = pipe.unet
     torch.manual_seed(0)

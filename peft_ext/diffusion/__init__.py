@@ -17,7 +17,7 @@ _MODULE_EXPORTS = {
     "cmlora": ["CMLoRAConfig", "cmlora_generate", "cmlora_schedule", "dominant_weights", "frequency_metric",
                "lora_frequency_metrics", "order_by_frequency", "refresh_steps"],
     "lora_composer": ["ComposerConcept", "LoraComposerAttnProcessor", "LoraComposerConfig", "composer_loss",
-                      "isolation_bias", "lora_composer_generate", "reinit_latents"],
+                      "isolation_bias", "lora_composer_generate", "reinit_latents", "token_positions"],
     "clora": ["CLoraConfig", "clora_generate", "contrastive_loss", "fuse_latents"],
     "tara": ["TaraTrainConfig", "add_tara", "alignment_loss", "cfg_routes", "compose_tara", "load_tara", "save_tara",
              "tara_config", "tara_generate", "tara_routes", "token_routes", "train_tara", "word_mask"],

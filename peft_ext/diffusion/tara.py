@@ -114,7 +114,13 @@ def tara_routes(unet, route_ids: torch.Tensor, align_mask: Optional[torch.Tensor
         raise ValueError("tara_routes: the UNet has no TARA (gated_lora) adapter; add one with add_tara.")
     if not isinstance(route_ids, torch.Tensor) or route_ids.dim() != 2 or route_ids.is_floating_point():
         raise ValueError("route_ids must be an integer tensor [batch, text tokens] (-1 = no concept).")
-    nb = min(len(b) for layer in layers for b in layer.branches.values())
+    # the active TARA adapters route (other TARA adapters on the UNet, e.g. the single concepts a composed adapter was
+    # stacked from, may have fewer branches and are not run)
+    active = [len(layer.branches[a]) for layer in layers for a in layer.active_adapters if a in layer.branches]
+    if not active:
+        raise ValueError("tara_routes: no TARA (gated_lora) adapter is active; activate one with "
+                         "unet.set_adapters([...]).")
+    nb = min(active)
     if int(route_ids.min()) < -1 or int(route_ids.max()) >= nb:
         raise ValueError(f"route_ids must hold -1 or a concept index in 0..{nb - 1}.")
     device = next(unet.parameters()).device
