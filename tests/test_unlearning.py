@@ -145,6 +145,7 @@ def test_gate_zero_gives_base_outputs_exactly(gated_model):
         ({"ood_holdout": 1.0}, "UnlearningConfig.ood_holdout"),
         ({"weight_mapping": "smooth"}, "UnlearningConfig.weight_mapping"),
         ({"covariance": "diag"}, "UnlearningConfig.covariance"),
+        ({"ood_features": "merged"}, "UnlearningConfig.ood_features"),
     ],
 )
 def test_bad_config_is_one_line_naming_the_field(kwargs, needle):
@@ -168,12 +169,22 @@ def test_bad_recipe_and_scores_name_the_problem(monkeypatch, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ recipe
+GATES = []  # the O3Gate of the uninterrupted run (recorded by the fixture)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     try:
         out = tmp_path_factory.mktemp("o3_full")
         recipe = load_tiny(mp, out)
+
+        class RecordingGate(U.O3Gate):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                GATES.append(self)
+
+        mp.setattr(U, "O3Gate", RecordingGate)
         return out, U.train_unlearning_recipe(recipe, quiet=True)
     finally:
         mp.undo()
@@ -221,3 +232,22 @@ def test_resume_equals_uninterrupted(uninterrupted, monkeypatch, tmp_path):
     got = load_file(tmp_path / "request_2" / "adapter_model.safetensors")
     want = load_file(out_full / "request_2" / "adapter_model.safetensors")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+
+
+def test_detector_features_come_from_the_pretrained_encoder(uninterrupted, monkeypatch, tmp_path):
+    """ood_features='pretrained' (default): the gate's encoder is the model as loaded, before the classifier stage
+    merged its LoRA — a model separate from the one being unlearned — not the fine-tuned classifier."""
+    from peft_ext.trainers.continual import seqcls_model
+
+    out, _ = uninterrupted
+    (gate,) = GATES
+    _, fresh = seqcls_model(load_tiny(monkeypatch, tmp_path))
+    got = {k: v for k, v in gate.feature_model.state_dict().items() if not k.startswith("classifier")}
+    want = {k: v for k, v in fresh.state_dict().items() if not k.startswith("classifier")}
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    # ... and not the classifier: merging the classifier stage's LoRA changes the query weights it would have
+    from peft import PeftModel
+
+    merged = PeftModel.from_pretrained(fresh, out / "base_adapter").merge_and_unload().state_dict()
+    query = [k for k in got if k.endswith("query.weight")]
+    assert query and not all(torch.equal(got[k], merged[k]) for k in query)

@@ -9,7 +9,8 @@ label drawn uniformly per example, once; no gradient ascent) plus ``orth_weight 
 the earlier requests — the ``o3_lora`` tuner adds that term to ``outputs.loss``. Requests follow the official
 workflow: one LoRA trained continually, ``start_new_request`` freezing its A before each new request.
 
-Gate (per request, ``OODDetector``): features of the base model (mean-pooled hidden states of every layer), per layer
+Gate (per request, ``OODDetector``): features of a detector encoder (mean-pooled hidden states of every layer; by
+default the pre-trained encoder the classifier was fine-tuned from, ``ood_features="pretrained"``), per layer
 the official score ``−½·Mahalanobis² − 1000·max cosine`` against the forget set (the embedding layer dropped), a
 one-class SVM over those layer scores (``nu=0.1``, linear kernel), and the official score → weight mapping
 (``obtain_weights``): a two-component Gaussian mixture placed on the training-in and held-out-in scores gives
@@ -21,9 +22,13 @@ Quirks of the official code, reproduced (and flagged): the mixture is not fitted
 the two score sets, **both** variances are the held-out scores' variance and the weights are 0.5; the mapping is
 non-monotone (weights between 0.4 and 0.9 become 0, values in (0.3, 0.4] are kept, confident ones become 1.2 > 1).
 Deviations: features are masked means over real tokens (the official code pads to 512 tokens and averages the padding
-too); the base model's own hidden states stand in for the contrastively fine-tuned RoBERTa; the calibration scores are
-a held-out part of the forget *training* set (the official code uses the forget test set); the mapping is computed per
-input (the official ``gmm_cdf`` sums over the batch, so it is only right at batch size 1, which its evaluation uses).
+too); the pre-trained encoder (a model separate from the one being unlearned, as the official RoBERTa detector is)
+stands in for the contrastively fine-tuned RoBERTa — the fine-tuned classifier's own features
+(``ood_features="classifier"``) are shaped by the sentiment task and barely separate the domains (on the VADER
+snippets the official detector on them scores held-out forget inputs and other domains alike); the calibration scores
+are a held-out part of the forget *training* set (the official code uses the forget test set); the mapping is computed
+per input (the official ``gmm_cdf`` sums over the batch, so it is only right at batch size 1, which its evaluation
+uses).
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ PAPER = "https://arxiv.org/abs/2407.10223"
 CODE = "https://github.com/GCYZSL/O3-LLM-UNLEARNING"
 MAPPINGS = ("official", "raw")
 COVARIANCES = ("empirical", "ledoit_wolf")
+OOD_FEATURES = ("pretrained", "classifier")
 
 
 # ---------------------------------------------------------------------------------------------------------- mapping
@@ -300,6 +306,13 @@ class UnlearningConfig:
         metadata={"help": "'official': obtain_weights with its non-monotone post-processing (1.2 / kept in (0.3, 0.4] "
                   "/ 0); 'raw': the smooth sigmoid(10·cp − 2) weight."},
     )
+    ood_features: str = field(
+        default="pretrained",
+        metadata={"help": "Which model gives the detectors' features: 'pretrained' = the pre-trained encoder before "
+                  "the classifier stage (a model separate from the one being unlearned, like the official RoBERTa "
+                  "detector); 'classifier' = the fine-tuned classifier itself (its sentiment-shaped features separate "
+                  "domains poorly)."},
+    )
     eval_batch_size: int = field(default=64, metadata={"help": "Batch size of evaluation and feature extraction."})
 
     def __post_init__(self):
@@ -326,6 +339,9 @@ class UnlearningConfig:
         if self.weight_mapping not in MAPPINGS:
             raise ValueError(f"UnlearningConfig.weight_mapping must be one of {list(MAPPINGS)}; got "
                              f"{self.weight_mapping!r}.")
+        if self.ood_features not in OOD_FEATURES:
+            raise ValueError(f"UnlearningConfig.ood_features must be one of {list(OOD_FEATURES)}; got "
+                             f"{self.ood_features!r}.")
         if self.ood_kernel not in ("linear", "rbf", "poly", "sigmoid"):
             raise ValueError(f"UnlearningConfig.ood_kernel must be one of ['linear', 'rbf', 'poly', 'sigmoid']; got "
                              f"{self.ood_kernel!r}.")
@@ -460,9 +476,11 @@ def train_unlearning_recipe(recipe, resume: bool = False, quiet: bool = False) -
     out.mkdir(parents=True, exist_ok=True)
     max_length = recipe.data.max_length
     tokenizer, base = seqcls_model(recipe)
+    # the detectors' encoder: a copy taken before the classifier stage injects and merges its LoRA (ood_features)
+    pretrained = copy.deepcopy(base) if config.ood_features == "pretrained" else None
     data = load_domains(recipe, config.domains, config.max_examples, config.neutral_margin)
     base = _base_classifier(recipe, config, tokenizer, base, data, out, resume, quiet)
-    feature_model = copy.deepcopy(base).eval()
+    feature_model = (pretrained if pretrained is not None else copy.deepcopy(base)).eval()
     for p in feature_model.parameters():
         p.requires_grad_(False)
 
