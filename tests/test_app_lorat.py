@@ -3,9 +3,6 @@ embedding and head saved as modules_to_save, GIoU on fixed boxes, the token layo
 field."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -53,7 +50,10 @@ def test_merged_equals_unmerged_and_differs_from_base():
     assert stats["unmerged_s"] > 0 and stats["merged_s"] > 0
 
 
-def test_save_then_fresh_process_load_reproduces_boxes(tmp_path):
+def test_save_then_load_reproduces_boxes_and_saves_type_embedding_and_head(tmp_path):
+    """In-process reload from disk with another seed (the fresh-process reload of every app is in
+    tests/test_app_fresh_process.py)."""
+    from safetensors import safe_open
     from safetensors.torch import save_file
 
     config = lorat.LoRATConfig(**SMALL)
@@ -61,28 +61,15 @@ def test_save_then_fresh_process_load_reproduces_boxes(tmp_path):
     (tmp_path / "pretrained").mkdir()
     save_file(vit_state, str(tmp_path / "pretrained" / lorat.VIT_FILE))
     model.save_pretrained(tmp_path / "lora" / "adapter")
-    from safetensors import safe_open
-
     with safe_open(str(tmp_path / "lora" / "adapter" / "adapter_model.safetensors"), "pt") as f:
         keys = list(f.keys())
     assert any("type_embedding" in k for k in keys) and any(".head." in k for k in keys)  # modules_to_save
     data = lorat.tracking_pairs(config, "test", 4, seed=3)
+    loaded = lorat.load_lorat(tmp_path, config, seed=5)  # another seed: nothing may depend on the init
     with torch.no_grad():
-        here = model(data["template"], data["search"], data["template_mask"]).tolist()
-    code = f"""
-import json, torch
-from peft_ext.apps import lorat
-config = lorat.LoRATConfig(**{SMALL!r})
-model = lorat.load_lorat({str(tmp_path)!r}, config, seed=5)  # another seed: nothing may depend on the init
-data = lorat.tracking_pairs(config, "test", 4, seed=3)
-with torch.no_grad():
-    print(json.dumps(model(data["template"], data["search"], data["template_mask"]).tolist()))
-"""
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert done.returncode == 0, done.stderr[-2000:]
-    there = json.loads(done.stdout.strip().splitlines()[-1])
-    assert torch.allclose(torch.tensor(there), torch.tensor(here), atol=1e-6)  # same fp32 arithmetic
+        here = model(data["template"], data["search"], data["template_mask"])
+        there = loaded(data["template"], data["search"], data["template_mask"])
+    assert torch.allclose(there, here, atol=1e-6)  # same fp32 arithmetic
 
 
 def test_giou_on_fixed_boxes():

@@ -3,12 +3,8 @@ covers the instruction only, the stage switch, save -> fresh-process load, resum
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from peft_ext.apps import wavllm
@@ -59,7 +55,8 @@ def test_collate_pads_without_loss_or_prompt():
     assert batch["prompt_mask"].tolist() == [[True, False, False], [False, False, False]]
 
 
-def test_tiny_recipe_stage_switch_save_load_fresh_process_and_resume(tmp_path):
+def test_tiny_recipe_stage_switch_save_load_and_resume(tmp_path):
+    """The fresh-process reload of every app is in tests/test_app_fresh_process.py."""
     out = tmp_path / "run"
     recipe = _tiny(out)
     metrics = wavllm.train_wavllm_recipe(recipe, quiet=True)
@@ -74,27 +71,7 @@ def test_tiny_recipe_stage_switch_save_load_fresh_process_and_resume(tmp_path):
     first = [metrics["methods"][m]["history"][0]["loss"] for m in wavllm.METHODS]
     assert first[0] == pytest.approx(first[1], rel=1e-6)
 
-    code = f"""
-import json
-from peft import PeftModel
-from peft_ext.apps import wavllm
-from peft_ext.recipe import load_recipe
-from peft_ext.runner import load_tokenizer_and_model
-recipe = load_recipe({str(TINY)!r}, ["output_dir={out}"])
-config = wavllm.wavllm_config_from_recipe(recipe)
-tok, base = load_tokenizer_and_model(recipe)
-model = PeftModel.from_pretrained(base, {str(out / "prompt_aware_lora")!r})
-print(json.dumps(wavllm.evaluate(model, tok, wavllm.task_rows(recipe, config)["test"], config, prompt_aware=True)))
-"""
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert done.returncode == 0, done.stderr[-2000:]
-    there = json.loads(done.stdout.strip().splitlines()[-1])
     here = metrics["methods"]["prompt_aware_lora"]["eval"]
-    for which in ("seen", "unseen"):  # same fp32 arithmetic in both processes
-        np.testing.assert_allclose([there[which][k] for k in sorted(here[which])],
-                                   [here[which][k] for k in sorted(here[which])], rtol=1e-6)
-
     again = wavllm.train_wavllm_recipe(recipe, resume=True, quiet=True)  # finished methods are not retrained
     assert not any(again["methods"][m]["trained_this_run"] for m in wavllm.METHODS)
     for which in ("seen", "unseen"):  # the saved adapter loaded back: same fp32 arithmetic
