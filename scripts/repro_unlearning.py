@@ -6,7 +6,7 @@ The run is ``recipes/o3_unlearning.yaml`` (``peft-ext train`` runs the same): th
 domain, then movies, tweets and products are unlearned one request after the other; after each request every domain's
 test accuracy is measured with the gate (each input's ``ood_weight`` from the requests' detectors) and without it.
 
-    .venv/bin/python scripts/repro_unlearning.py --out results/repro_unlearning.json   # ~10-15 CPU minutes
+    .venv/bin/python scripts/repro_unlearning.py --out results/repro_unlearning.json   # ~5 minutes, one thread
     .venv/bin/python scripts/repro_unlearning.py --quick --out /tmp/o3.json            # smoke test
 
 Writes the JSON atomically (tables, markdown, budget, load averages, versions, the command) and prints the table.
