@@ -82,7 +82,8 @@ def summarise(name: str, m: dict) -> dict:
         run = m["runs"]["lora"]
         text = (f"R@10 text→signal {lora['text_to_signal_R@10']:.3f} LoRA vs "
                 f"{frozen['text_to_signal_R@10']:.3f} frozen, signal→text {lora['signal_to_text_R@10']:.3f} vs "
-                f"{frozen['signal_to_text_R@10']:.3f}" if frozen else "")
+                f"{frozen['signal_to_text_R@10']:.3f}" if frozen else
+                f"R@10 text→signal {lora['text_to_signal_R@10']:.3f}, signal→text {lora['signal_to_text_R@10']:.3f}")
         if oracle:
             text += (f" (ceiling {oracle['text_to_signal_R@10']:.3f} / {oracle['signal_to_text_R@10']:.3f}, chance "
                      f"{m['chance']['R@10']:.3f})")
@@ -110,9 +111,11 @@ def summarise(name: str, m: dict) -> dict:
         acc = m["accuracy"]
         mm, single = acc["mm_lora"], acc.get("single_lora")
         grads = m["branch_grad_norm"]["text"]
-        text = (f"caption accuracy {mm['image']:.2f} MM-LoRA vs {single['image']:.2f} one LoRA; counting "
-                f"{mm['text']:.2f} vs {single['text']:.2f} (pre-trained LM {m['pretrained_text_accuracy']:.2f}); "
-                f"vision-branch gradient on a text batch {grads['vision']:.1f}" if single else "")
+        text = (f"caption accuracy {mm['image']:.2f} MM-LoRA"
+                + (f" vs {single['image']:.2f} one LoRA" if single else "") + f"; counting {mm['text']:.2f}"
+                + (f" vs {single['text']:.2f}" if single else "")
+                + f" (pre-trained LM {m['pretrained_text_accuracy']:.2f}); vision-branch gradient on a text batch "
+                  f"{grads['vision']:.1f}")
         return {"metric": "digit caption accuracy and counting accuracy (language retention), held-out",
                 "lora": mm, "baseline": {"name": "one LoRA on every token, same total rank", **(single or {})},
                 "pretrained_text_accuracy": m["pretrained_text_accuracy"], "branch_grad_norm": m["branch_grad_norm"],
@@ -127,19 +130,20 @@ def summarise(name: str, m: dict) -> dict:
                 "measured": f"SRCC {after['srcc']:.3f} / PLCC {after['plcc']:.3f} after LoRA vs {before['srcc']:.3f} / "
                             f"{before['plcc']:.3f} zero-shot"}
     if name == "wavllm":
-        pa, lo, base = (m["methods"]["prompt_aware_lora"]["eval"], m["methods"]["lora"]["eval"], m["base"])
+        pa, base = m["methods"]["prompt_aware_lora"]["eval"], m["base"]
+        lo = m["methods"]["lora"]["eval"] if "lora" in m["methods"] else None
 
         def pick(e):
             return {f"{w}_{k}": _r(e[w][k]) for w in ("seen", "unseen") for k in ("sentiment_accuracy", "math_loss")}
 
+        vs_acc = f" prompt-aware vs {lo['unseen']['sentiment_accuracy']:.2f} LoRA" if lo else " prompt-aware"
+        vs_loss = f" vs {lo['unseen']['math_loss']:.2f}" if lo else ""
         return {"metric": "sentiment accuracy and math answer loss under seen vs unseen instruction paraphrases",
-                "lora": pick(pa), "baseline": {"name": "plain LoRA on q/o", **pick(lo)},
+                "lora": pick(pa), "baseline": {"name": "plain LoRA on q/o", **(pick(lo) if lo else {})},
                 "base_model": pick(base),
-                "measured": (f"unseen paraphrases: sentiment accuracy {pa['unseen']['sentiment_accuracy']:.2f} "
-                             f"prompt-aware vs {lo['unseen']['sentiment_accuracy']:.2f} LoRA "
-                             f"(base {base['unseen']['sentiment_accuracy']:.2f}), math loss "
-                             f"{pa['unseen']['math_loss']:.2f} vs {lo['unseen']['math_loss']:.2f} "
-                             f"(base {base['unseen']['math_loss']:.2f})")}
+                "measured": (f"unseen paraphrases: sentiment accuracy {pa['unseen']['sentiment_accuracy']:.2f}{vs_acc}"
+                             f" (base {base['unseen']['sentiment_accuracy']:.2f}), math loss "
+                             f"{pa['unseen']['math_loss']:.2f}{vs_loss} (base {base['unseen']['math_loss']:.2f})")}
     if name == "unimoe":
         v = m["variants"]
         full, att = v["experts_and_attention"], v.get("attention_only")
@@ -149,8 +153,8 @@ def summarise(name: str, m: dict) -> dict:
                 "baseline": {"name": "LoRA on attention only", "loss": _r(att["after"]["loss"]) if att else None,
                              "trainable_parameters": att["trainable_parameters"] if att else None},
                 "base_loss": _r(m["base"]["loss"]),
-                "measured": (f"loss {m['base']['loss']:.2f} → {full['after']['loss']:.2f} with expert + attention "
-                             f"LoRA vs {att['after']['loss']:.2f} attention only" if att else "")}
+                "measured": f"loss {m['base']['loss']:.2f} → {full['after']['loss']:.2f} with expert + attention LoRA"
+                            + (f" vs {att['after']['loss']:.2f} attention only" if att else "")}
     raise KeyError(name)
 
 

@@ -215,3 +215,20 @@ print(json.dumps(results))
     there = json.loads(done.stdout.strip().splitlines()[-1])
     differ = [name for name in APPS if not _close(there[name], here[name])]
     assert not differ, f"fresh-process outputs differ for {differ}"
+
+
+    # scripts/repro_apps.py's table rows read the keys each trainer writes: a renamed metric fails here, not in the
+    # reproduction table (the runs above are tiny, some with their baseline off)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("repro_apps", ROOT / "scripts" / "repro_apps.py")
+    repro = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(repro)
+    assert all((RECIPES / f"{name}.yaml").is_file() for name in repro.APPS)
+    for app, name in (("more", "more"), ("regionblip", "regionblip"), ("arcana", "arcana"),
+                      ("aigv", "aigv_quality"), ("wavllm", "wavllm"), ("unimoe", "unimoe")):
+        metrics = json.loads((tmp_path / app / "metrics.json").read_text(encoding="utf-8"))
+        row = repro.summarise(name, metrics)
+        assert row["metric"] and row["measured"] and row["lora"], name
+    row = repro.summarise("regionblip", json.loads((tmp_path / "regionblip" / "metrics.json").read_text()))
+    assert f"{row['lora']['image']:.2f}" in row["measured"] and row["baseline"]["name"]
