@@ -346,7 +346,7 @@ def test_mrdpo_recipe_writes_rounds_and_resumes_identically(tmp_path):
     "overrides,match",
     [
         (["data.name=toy_sentiment", "evaluation.generate=0"], "needs model.task 'causal_lm' and data.name 'gsm'"),
-        (["trainer.name=ppo"], "trainer.name must be one of 'sft', 'dpo', 'mrdpo', 'grpo', 'sft_grpo'"),
+        (["trainer.name=ppo"], r"trainer.name must be one of \['sft', 'dpo', 'mrdpo', 'grpo', 'sft_grpo', .*got 'ppo'"),
         (["trainer.rounds=0"], "trainer.rounds must be an integer >= 1"),
         (["trainer.args.betta=0.2"], r"Unknown key 'trainer.args.betta'. Did you mean 'beta'\?"),
         (["trainer.rewards=[accuracy]"], "trainer.rewards applies to grpo and sft_grpo"),
