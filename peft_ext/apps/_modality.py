@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._common import index_batches
+
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
                 "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty"]
 VOCAB = ["<pad>", "<bos>", "what", "is", "this", "?", "it", "count", ":"] + NUMBER_WORDS
@@ -203,16 +205,6 @@ def token_modality(data: dict) -> torch.Tensor:
     return torch.cat([torch.ones(n, k, dtype=torch.bool), torch.zeros(n, t, dtype=torch.bool)], 1)
 
 
-def _batches(n: int, batch_size: int, steps: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    order = torch.empty(0, dtype=torch.long)
-    for _ in range(steps):
-        if len(order) < batch_size:
-            order = torch.cat([order, torch.randperm(n, generator=g)])
-        idx, order = order[:batch_size], order[batch_size:]
-        yield idx
-
-
 def pretrain_lm(config: ModalityConfig, seed: int, quiet: bool = True) -> tuple[dict, dict]:
     """Stage ``pretrain``: full training of the tiny Llama on counting (next-token loss on the number words), the
     stand-in for a pre-trained LLM (OPT / FlanT5 / Vicuna). Returns its state and the stage's numbers."""
@@ -224,7 +216,7 @@ def pretrain_lm(config: ModalityConfig, seed: int, quiet: bool = True) -> tuple[
     optimizer = torch.optim.AdamW(model.lm.parameters(), lr=config.pretrain_lr, weight_decay=0.0)
     model.train()
     began, losses = time.time(), []
-    for idx in _batches(len(full), config.batch_size, config.pretrain_steps, seed):
+    for idx in index_batches(len(full), config.batch_size, config.pretrain_steps, seed):
         logits = model.lm(input_ids=full[idx]).logits
         loss = F.cross_entropy(logits[:, 2:-1].reshape(-1, logits.shape[-1]), full[idx][:, 3:].reshape(-1))
         optimizer.zero_grad()
@@ -251,7 +243,7 @@ def train_mixture(model, tasks: list[dict], route_fn: Callable[[dict], dict], co
     total = config.steps * len(tasks)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total)
                                                                                            / total)))
-    iters = [_batches(len(t["answer"]), config.batch_size, config.steps, seed + i) for i, t in enumerate(tasks)]
+    iters = [index_batches(len(t["answer"]), config.batch_size, config.steps, seed + i) for i, t in enumerate(tasks)]
     model.train()
     began, losses = time.time(), {t["modality"]: [] for t in tasks}
     for step in range(config.steps):

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._common import index_batches, plain_lora_config
+
 PAPER = "Tracking Meets LoRA: Faster Training, Larger Model, Stronger Performance (https://arxiv.org/abs/2403.05231)"
 CODE = "https://github.com/LitingLin/LoRAT"
 TEMPLATE_BG, TEMPLATE_FG, SEARCH = 0, 1, 2
@@ -316,14 +318,6 @@ def check_recipe(recipe) -> None:
     lorat_config_from_recipe(recipe)
 
 
-def _peft_config(recipe):
-    from peft import LoraConfig
-
-    kwargs = dict(recipe.method.config)
-    kwargs.pop("task_type", None)
-    return LoraConfig(**kwargs)
-
-
 def build_tracker(config: LoRATConfig, seed: int, vit_state: Optional[dict] = None) -> LoRATTracker:
     """The tracker with seeded initialisation and, when given, the pre-trained ViT weights."""
     torch.manual_seed(seed)
@@ -344,16 +338,6 @@ def load_lorat(folder, config: LoRATConfig, seed: int):
     return PeftModel.from_pretrained(base, folder / "lora" / "adapter").eval()
 
 
-def _batches(n: int, batch_size: int, steps: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    order = torch.empty(0, dtype=torch.long)
-    for _ in range(steps):
-        if len(order) < batch_size:
-            order = torch.cat([order, torch.randperm(n, generator=g)])
-        idx, order = order[:batch_size], order[batch_size:]
-        yield idx
-
-
 def _cosine(optimizer, steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
 
@@ -371,7 +355,7 @@ def pretrain_vit(config: LoRATConfig, seed: int, quiet: bool) -> tuple[dict, dic
     optimizer = torch.optim.AdamW(params, lr=config.pretrain_lr, weight_decay=0.05)
     scheduler = _cosine(optimizer, config.pretrain_steps)
     began, losses = time.time(), []
-    for step, idx in enumerate(_batches(len(y), config.batch_size, config.pretrain_steps, seed)):
+    for step, idx in enumerate(index_batches(len(y), config.batch_size, config.pretrain_steps, seed)):
         logits = classifier(model.encode(x[idx]))
         loss = F.cross_entropy(logits.reshape(-1, 11), y[idx].reshape(-1))
         optimizer.zero_grad()
@@ -409,7 +393,7 @@ def train_tracker(model, params, config: LoRATConfig, train: dict, seed: int, la
     scheduler = _cosine(optimizer, config.steps)
     model.train()
     began, losses = time.time(), []
-    for step, idx in enumerate(_batches(len(train["box"]), config.batch_size, config.steps, seed)):
+    for step, idx in enumerate(index_batches(len(train["box"]), config.batch_size, config.steps, seed)):
         pred = model(train["template"][idx], train["search"][idx], train["template_mask"][idx])
         loss = box_loss(pred, train["box"][idx], config.l1_weight, config.giou_weight)
         optimizer.zero_grad()
@@ -512,7 +496,7 @@ def train_lorat_recipe(recipe, resume: bool = False, quiet: bool = False) -> dic
     else:
         from peft import get_peft_model
 
-        model = get_peft_model(build_tracker(config, recipe.seed, vit_state), _peft_config(recipe))
+        model = get_peft_model(build_tracker(config, recipe.seed, vit_state), plain_lora_config(recipe))
         params = [p for p in model.parameters() if p.requires_grad]
         runs["lora"] = train_tracker(model, params, config, train, recipe.seed, "lora", quiet)
         _save_adapter(model, lora_dir / "adapter")

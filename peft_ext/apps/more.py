@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._common import index_batches, plain_lora_config
+
 PAPER = ("MoRE: Multi-Modal Contrastive Pre-training with Transformers on X-Rays, ECGs, and Diagnostic Report "
          "(https://arxiv.org/abs/2410.16239)")
 CODE = "https://github.com/svthapa/MoRE"
@@ -222,24 +224,6 @@ def check_recipe(recipe) -> None:
     more_config_from_recipe(recipe)
 
 
-def _peft_config(recipe):
-    from peft import LoraConfig
-
-    kwargs = dict(recipe.method.config)
-    kwargs.pop("task_type", None)
-    return LoraConfig(**kwargs)
-
-
-def _batches(n: int, batch_size: int, steps: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    order = torch.empty(0, dtype=torch.long)
-    for _ in range(steps):
-        if len(order) < batch_size:
-            order = torch.cat([order, torch.randperm(n, generator=g)])
-        idx, order = order[:batch_size], order[batch_size:]
-        yield idx
-
-
 def train_contrastive(text_model, tokenizer, heads: ContrastiveHeads, data: dict, config: MoREConfig, seed: int,
                       frozen: bool, label: str = "lora", quiet: bool = True) -> dict:
     """Symmetric InfoNCE training of ``heads`` (and of the text tower's trainable parameters unless ``frozen``: then
@@ -260,7 +244,7 @@ def train_contrastive(text_model, tokenizer, heads: ContrastiveHeads, data: dict
     tau0 = 1 / heads.scale().item()
     began, losses = time.time(), []
     heads.train()
-    for step, idx in enumerate(_batches(len(texts), min(config.batch_size, len(texts)), config.steps, seed)):
+    for step, idx in enumerate(index_batches(len(texts), min(config.batch_size, len(texts)), config.steps, seed)):
         t = feats[idx] if frozen else embed_text(text_model, tokenizer, [texts[i] for i in idx], config.max_length)
         loss = info_nce(heads.text_proj(t), heads.signal_encoder(signal[idx]), heads.scale())
         optimizer.zero_grad()
@@ -369,7 +353,7 @@ def train_more_recipe(recipe, resume: bool = False, quiet: bool = False) -> dict
         else:
             if run == "lora":
                 torch.manual_seed(recipe.seed)
-                model = get_peft_model(base, _peft_config(recipe))
+                model = get_peft_model(base, plain_lora_config(recipe))
             else:
                 for p in base.parameters():
                     p.requires_grad_(False)
