@@ -122,3 +122,10 @@ def test_recipes_command_errors(tmp_path, capsys):
     assert "--dir" in capsys.readouterr().err
     assert cli.main(["recipes", "--dir", str(ROOT / "recipes"), "--paper", "no such paper"]) == 2
     assert "no such paper" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", FULL, ids=lambda p: p.name)
+def test_readme_recipes_table_links_every_full_recipe(path):
+    """The README's recipes table links each paper's recipe, so a user finds it from the front page."""
+    assert f"(recipes/{path.name})" in (ROOT / "README.md").read_text(encoding="utf-8"), (
+        f"README.md has no link to recipes/{path.name}: add a row to its recipes table.")
