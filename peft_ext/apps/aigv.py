@@ -406,6 +406,7 @@ def train_aigv_recipe(recipe, resume: bool = False, quiet: bool = False) -> dict
 
     from .._io import adapter_folder_is_whole, atomic_write_json
     from ..recipe import to_dict
+    from ..runner.reporting import device_name
     from ..runner import load_tokenizer_and_model, save_adapter
 
     check_recipe(recipe)
@@ -458,7 +459,7 @@ def train_aigv_recipe(recipe, resume: bool = False, quiet: bool = False) -> dict
         "history": history,
         "trained_this_run": trained,
         "budget": {"steps": config.steps, "batch_size": config.batch_size, "wall_time_s": time.time() - began},
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU",
+        "device": device_name(),
         "recipe": to_dict(recipe),
     }
     atomic_write_json(out / "metrics.json", metrics)

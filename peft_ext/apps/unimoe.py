@@ -281,6 +281,7 @@ def train_unimoe_recipe(recipe, resume: bool = False, quiet: bool = False) -> di
 
     from .._io import adapter_folder_is_whole, atomic_write_json
     from ..recipe import to_dict
+    from ..runner.reporting import device_name
     from ..runner import save_adapter
 
     check_recipe(recipe)
@@ -328,7 +329,7 @@ def train_unimoe_recipe(recipe, resume: bool = False, quiet: bool = False) -> di
         "base": before,
         "variants": results,
         "budget": {"steps": config.steps, "batch_size": config.batch_size, "wall_time_s": time.time() - began},
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU",
+        "device": device_name(),
         "recipe": to_dict(recipe),
     }
     atomic_write_json(out / "metrics.json", metrics)

@@ -64,11 +64,16 @@ TINY_MODELS = {
 }
 
 
+def device_name(cpu: str = "CPU") -> str:
+    """The GPU a run used (CUDA device 0), else ``cpu``: the ``device`` every ``metrics.json`` records."""
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else cpu
+
+
 def card_run_facts(recipe: Recipe, args, n_train: int, n_eval: int, rows: list, baseline: Optional[dict], result,
                    train_time: float) -> dict:
     """What the model card records about a run: data and split, training arguments, results (``peft_ext.card``)."""
-    import torch
-
     from ..card import TRAINING_ARGS, dataset_facts
 
     values = args.to_dict()
@@ -96,7 +101,7 @@ def card_run_facts(recipe: Recipe, args, n_train: int, n_eval: int, rows: list, 
         "train_loss": result.training_loss,
         "train_steps": result.global_step,
         "train_time": train_time,
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU",
+        "device": device_name(),
     }
 
 
@@ -167,7 +172,7 @@ def comparison_record(metrics: dict, status: str = "success", error_msg: str = "
                 "machine": platform.machine(),
                 "processor": platform.processor(),
                 "python": sys.version.split()[0],
-                "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "",
+                "gpu": device_name(cpu=""),
             },
         },
     }

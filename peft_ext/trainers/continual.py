@@ -414,6 +414,7 @@ def train_continual_recipe(recipe, resume: bool = False, quiet: bool = False) ->
     ``results.png``, each atomically. ``resume`` continues after the last finished task of each method."""
     from .._io import atomic_write_json
     from ..recipe import to_dict
+    from ..runner.reporting import device_name
 
     check_recipe(recipe)
     config = continual_config_from_recipe(recipe)
@@ -442,7 +443,7 @@ def train_continual_recipe(recipe, resume: bool = False, quiet: bool = False) ->
         "methods": results,  # not "results": comparison_record reads that key as a list of evaluations
         "budget": {"wall_time_s": time.time() - began, "epochs_per_task": config.epochs,
                    "batch_size": config.batch_size},
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU",
+        "device": device_name(),
         "recipe": to_dict(recipe),
     }
     atomic_write_json(out / "metrics.json", metrics)

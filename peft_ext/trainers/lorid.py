@@ -575,6 +575,7 @@ def train_lorid_recipe(recipe, resume: bool = False, quiet: bool = False, on_tra
     retrained. ``on_trained(name)`` is called after each adapter is saved (tests use it to interrupt a run)."""
     from .._io import atomic_write_json
     from ..recipe import to_dict
+    from ..runner.reporting import device_name
     from ..runner import load_raw_splits, load_tokenizer_and_model
 
     check_recipe(recipe)
@@ -610,7 +611,7 @@ def train_lorid_recipe(recipe, resume: bool = False, quiet: bool = False, on_tra
         "met_rate": result["met_rate"],
         "history": history,
         "per_problem": result["per_problem"],
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU",
+        "device": device_name(),
         "recipe": to_dict(recipe),
     }
     atomic_write_json(out / "metrics.json", metrics)

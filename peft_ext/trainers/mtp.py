@@ -790,6 +790,7 @@ def train_mtp_recipe(recipe, resume: bool = False, quiet: bool = False) -> dict:
 
     from .._io import atomic_write_json
     from ..recipe import to_dict
+    from ..runner.reporting import device_name
     from ..runner import build_peft_config, load_raw_splits, load_tokenizer_and_model
 
     check_recipe(recipe)
@@ -834,7 +835,7 @@ def train_mtp_recipe(recipe, resume: bool = False, quiet: bool = False) -> dict:
         "decoding": {k: v for k, v in decoding.items() if k != "per_prompt"},
         "per_prompt": decoding.get("per_prompt", []),
         "history": history,
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU",
+        "device": device_name(),
         "recipe": to_dict(recipe),
     }
     atomic_write_json(out / "metrics.json", metrics)

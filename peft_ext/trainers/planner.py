@@ -660,10 +660,9 @@ def train_planner_recipe(recipe, resume: bool = False, quiet: bool = False) -> d
     adapter on every subset), the planner -> action pipeline scored with BFCL's checker; ``metrics.json`` and
     ``results.png``. Every file is written atomically; with ``resume`` the finished adapters are kept and only the
     missing ones are trained (each adapter is seeded on its own, so the result equals an uninterrupted run)."""
-    import torch
-
     from .._io import adapter_folder_is_whole, atomic_write_json
     from ..recipe import to_dict
+    from ..runner.reporting import device_name
 
     check_recipe(recipe)
     config = planner_config_from_recipe(recipe)
@@ -755,7 +754,7 @@ def train_planner_recipe(recipe, resume: bool = False, quiet: bool = False) -> d
         "training": training,
         "adapters": {"planner": str(out / PLANNER), "action": str(out / ACTION),
                      "subsets": {s: str(out / "subsets" / s) for s in subsets}},
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU",
+        "device": device_name(),
         "recipe": to_dict(recipe),
     }
     atomic_write_json(out / "metrics.json", metrics)

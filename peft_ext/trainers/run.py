@@ -317,6 +317,8 @@ def train_recipe(recipe: Recipe, resume: bool = False, quiet: bool = False) -> d
     """Run a recipe whose ``trainer.name`` is set; returns (and writes) its metrics."""
     import torch
 
+    from ..runner.reporting import device_name
+
     t = recipe.trainer
     if t.name is None:
         raise ValueError("train_recipe runs recipes with a trainer section (trainer.name); use peft_ext.runner.train.")
@@ -347,7 +349,7 @@ def train_recipe(recipe: Recipe, resume: bool = False, quiet: bool = False) -> d
         "stages": run.records,
         "final_adapter": str(final),
         "train_time": time.time() - run.start,
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU",
+        "device": device_name(),
         "recipe": to_dict(recipe),
     }
     atomic_write_json(out / "metrics.json", metrics)

@@ -467,6 +467,7 @@ def train_unlearning_recipe(recipe, resume: bool = False, quiet: bool = False) -
 
     from .._io import atomic_write_json
     from ..recipe import to_dict
+    from ..runner.reporting import device_name
     from ..tuners.o3_lora import O3LoraConfig, set_gate_scorer, start_new_request
 
     check_recipe(recipe)
@@ -567,7 +568,7 @@ def train_unlearning_recipe(recipe, resume: bool = False, quiet: bool = False) -
         "summary": summary,
         "budget": {"wall_time_s": time.time() - began, "epochs_per_request": config.epochs,
                    "base_epochs": config.base_epochs, "batch_size": config.batch_size},
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU",
+        "device": device_name(),
         "recipe": to_dict(recipe),
     }
     atomic_write_json(out / "metrics.json", metrics)
