@@ -124,11 +124,14 @@ def recipe_keys_table() -> str:
     return "\n".join(lines)
 
 
+URL = re.compile(r"https?://[^\s),]+")
+
+
 def _paper_link(paper: str) -> str:
     """A recipe's ``paper`` text with its one URL as a markdown link on the title; several URLs in angle brackets."""
-    urls = re.findall(r"https?://[^\s),]+", paper)
+    urls = URL.findall(paper)
     if len(urls) != 1:
-        return re.sub(r"(https?://[^\s),]+)", r"<\1>", paper).replace("|", "\\|")
+        return URL.sub(lambda m: f"<{m.group(0)}>", paper).replace("|", "\\|")
     title = paper.replace(urls[0], "").replace(", )", ")").replace(" ()", "").strip()
     return f"[{title}]({urls[0]})".replace("|", "\\|")
 
